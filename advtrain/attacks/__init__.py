@@ -1,0 +1,18 @@
+"""The attack zoo. ``create_attack(name, **hyperparameters)`` builds one; ``list_attacks()`` lists them."""
+
+from advtrain.attacks.base import Attack
+from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
+from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
+
+__all__ = [
+    "BIM",
+    "FGM",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AttackKind",
+    "AttackSpec",
+    "create_attack",
+    "list_attacks",
+    "register_attack",
+]

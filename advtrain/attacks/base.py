@@ -1,0 +1,63 @@
+"""The attack interface: ``attack(model, inputs, labels) -> AttackResult``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from advtrain.attacks.registry import AttackSpec
+from advtrain.engine.modes import AttackMode, attack_context
+from advtrain.engine.result import AttackResult
+
+
+class Attack(ABC):
+    """Base class of every attack.
+
+    Subclasses take their hyperparameters as keyword-only constructor arguments (canonical names ``norm``,
+    ``eps``, ``steps``, ``step_size``, ``restarts``, ``targeted``) and implement :meth:`run`. Calling the attack
+    puts the model in the attack's mode with frozen parameters and restores it afterwards.
+
+    Args:
+        mode: BatchNorm/dropout policy during the attack (``"eval"`` by default), see :class:`AttackMode`.
+        seed: seeds the attack's own RNG (random starts) so that results are reproducible; ``None`` draws from
+            torch's global RNG.
+    """
+
+    spec: AttackSpec
+
+    def __init__(self, *, mode: str = "eval", seed: int | None = None) -> None:
+        self.mode = AttackMode.parse(mode)
+        self.seed = seed
+
+    def __call__(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, eps: float | Tensor | None = None
+    ) -> AttackResult:
+        """Attacks a batch.
+
+        Args:
+            model: maps [0, 1] inputs to logits.
+            inputs: clean batch in [0, 1].
+            labels: true labels (targets when the attack is targeted).
+            eps: optional per-call budget (scalar or (B,)) overriding the configured one.
+
+        Returns:
+            The :class:`AttackResult`.
+        """
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=inputs.device)
+            generator.manual_seed(self.seed)
+        with attack_context(model, self.mode):
+            return self.run(model, inputs, labels, eps=eps, generator=generator)
+
+    @abstractmethod
+    def run(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps: float | Tensor | None, generator
+    ) -> AttackResult:
+        """Runs the attack on a model already in attack state."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,247 @@
+"""``python -m advtrain {fit,validate,test,evaluate}``: the LightningCLI of advtrain.
+
+Recipes compose (``--config a.yaml --config b.yaml``, later files override key by key), use OmegaConf
+``${...}`` interpolation across files and flags (parser mode ``omegaconf+``), and take overrides from the command
+line (``--model.maximizer.eps 0.1``). ``advtrain/defaults.yaml`` is applied first to every subcommand.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from jsonargparse import set_parsing_settings
+from omegaconf import OmegaConf
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+from advtrain.attacks.base import Attack
+from advtrain.data.base import AdvDataModule
+from advtrain.maximizers.base import InnerMaximizer
+from advtrain.training.module import AdversarialTraining
+from advtrain.training.objectives import Objective
+
+log = logging.getLogger("advtrain")
+
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
+_STAMP_ENV = "ADVTRAIN_RUN_STAMP"
+
+# Keys whose value names a class: an unknown name gets the list of known ones.
+_COMPONENT_KEYS: dict[str, type] = {
+    "model.maximizer": InnerMaximizer,
+    "model.objective": Objective,
+    "model.val_attack": Attack,
+    "data": AdvDataModule,
+}
+
+
+def _stamp() -> str:
+    """One timestamp per run, shared with DDP workers through the environment (they re-parse the CLI)."""
+    if _STAMP_ENV not in os.environ:
+        os.environ[_STAMP_ENV] = time.strftime("%Y%m%d-%H%M%S")
+    return os.environ[_STAMP_ENV]
+
+
+if not OmegaConf.has_resolver("stamp"):
+    OmegaConf.register_new_resolver("stamp", _stamp)
+
+
+def _subclass_names(base: type) -> list[str]:
+    found, stack = set(), [base]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            if not sub.__name__.startswith("_") and not getattr(sub, "__abstractmethods__", None):
+                found.add(f"{sub.__module__}.{sub.__name__}")
+    return sorted(found)
+
+
+class AdvArgumentParser(LightningArgumentParser):
+    """Adds what a user needs to fix a bad config: close matches for a misspelled key, the known classes for an
+    unknown component name."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        return super().error(message + self._hint(message), ex)
+
+    def _hint(self, message: str) -> str:
+        for key, base in _COMPONENT_KEYS.items():
+            if f'"{key}"' in message and ("import path" in message or "subclass" in message):
+                return f"\n  Known values for {key}: " + ", ".join(_subclass_names(base))
+        words = message.replace("'", " ").replace('"', " ").split()
+        candidates = [w.lstrip("-").split("=")[0] for w in words if w.startswith("--") or "." in w]
+        known = sorted({a.dest for a in self._actions if a.dest})
+        for word in candidates:
+            close = difflib.get_close_matches(word, known, n=3, cutoff=0.75)
+            if close and word not in known:
+                return f"\n  Did you mean: {', '.join(close)}?"
+        return ""
+
+
+class AdvTrainer(pl.Trainer):
+    """Lightning's Trainer with advtrain's ``evaluate`` subcommand."""
+
+    def evaluate(
+        self,
+        model: AdversarialTraining,
+        datamodule: AdvDataModule,
+        ckpt_path: str | None = None,
+        split: Literal["val", "test"] = "test",
+        norm: str | None = None,
+        eps: float | None = None,
+        steps: int = 50,
+        restarts: int = 1,
+        attacks: list[Attack] | None = None,
+        max_samples: int | None = None,
+        output: str | None = None,
+        trust_checkpoint: bool = False,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Evaluate a checkpoint: clean accuracy and robust accuracy under PGD (or the given attacks).
+
+        Args:
+            model: used only when no checkpoint is given.
+            datamodule: provides the evaluation split.
+            ckpt_path: an advtrain ``.ckpt``; its architecture and threat model are restored from it.
+            split: ``"test"`` or ``"val"``.
+            norm: threat model of the default PGD attack (default: the checkpoint's validation attack).
+            eps: its budget (default: the checkpoint's validation attack).
+            steps: PGD steps of the default attack.
+            restarts: PGD restarts of the default attack.
+            attacks: explicit attacks instead of the default PGD.
+            max_samples: evaluate only the first samples of the split.
+            output: folder for ``report.json``/``report.md`` (default: next to the checkpoint).
+            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
+            progress: show a progress bar.
+        """
+        from advtrain.attacks import PGD
+        from advtrain.evaluation import evaluate_robustness, write_report
+        from advtrain.training.checkpoint import load_training_module
+
+        if ckpt_path is not None:
+            model = load_training_module(ckpt_path, trust=trust_checkpoint)
+        else:
+            log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
+        if not attacks:
+            base = model.val_attack
+            norm = norm or getattr(base, "norm", None)
+            eps = eps if eps is not None else getattr(base, "eps", None)
+            if norm is None or eps is None:
+                raise ValueError("evaluate: the checkpoint has no validation attack; pass --norm and --eps.")
+            attacks = [PGD(norm=norm, eps=eps, steps=steps, restarts=restarts, seed=0)]
+        named = {_attack_name(a, i): a for i, a in enumerate(attacks)}
+        datamodule.prepare_data()
+        datamodule.setup("test" if split == "test" else "validate")
+        loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+        device = _device(self)
+        report = evaluate_robustness(model.model, loader, named, device=device, max_samples=max_samples,
+                                     progress=progress)  # fmt: skip
+        if output is None:
+            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
+        meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device)}
+        folder = write_report(report, output, meta)
+        data = report.as_dict()
+        log.info(
+            "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
+            100 * data["clean_accuracy"], 100 * data["robust_accuracy_all"], data["samples"], data["wall_time_s"],
+            folder,
+        )  # fmt: skip
+        return data
+
+
+def _attack_name(attack: Attack, i: int) -> str:
+    spec = getattr(attack, "spec", None)
+    name = spec.name if spec else type(attack).__name__.lower()
+    steps = getattr(attack, "steps", None)
+    return f"{name}{steps if steps and steps > 1 else ''}-{getattr(attack, 'norm', '')}" + (f"#{i}" if i else "")
+
+
+def _device(trainer: pl.Trainer):
+    try:
+        return trainer.strategy.root_device
+    except Exception:  # noqa: BLE001 - strategies without a root device before setup
+        return "cpu"
+
+
+class AdvSaveConfig(SaveConfigCallback):
+    """Saves the fully resolved config next to the checkpoints and into the W&B run."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        ckpt = trainer.checkpoint_callback
+        folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(text)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                run.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
+                Path(run.dir, "config.yaml").write_text(text)
+
+
+class AdvTrainCLI(LightningCLI):
+    """LightningCLI with advtrain's defaults, links and error messages."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("parser_mode", "omegaconf+")
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
+                            help="Name of the run: W&B run name and checkpoints/<run_name>/ folder.")  # fmt: skip
+        for key in ("num_classes", "image_shape", "mean", "std"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def _after(self) -> None:
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero and logger._experiment is not None:
+                run = logger.experiment
+                if getattr(run.settings, "_offline", False) or os.environ.get("WANDB_MODE") == "offline":
+                    log.info("W&B run saved offline in %s; upload it later with: wandb sync %s", run.dir,
+                             Path(run.dir).parent)  # fmt: skip
+
+    after_fit = after_validate = after_test = _after
+
+
+def _configure_wandb() -> None:
+    """Without an API key (or with no network configured) W&B runs offline instead of prompting or hanging."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    log.info("No W&B API key found: logging to W&B in offline mode (WANDB_MODE=offline).")
+
+
+def main(args: list[str] | None = None) -> AdvTrainCLI:
+    """Entry point of ``python -m advtrain`` and the ``advtrain`` script."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[advtrain] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    _configure_wandb()
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    subcommand_kwargs = {"default_config_files": [str(DEFAULTS)], "parser_mode": "omegaconf+"}
+    return AdvTrainCLI(
+        AdversarialTraining,
+        AdvDataModule,
+        subclass_mode_data=True,
+        trainer_class=AdvTrainer,
+        save_config_callback=AdvSaveConfig,
+        save_config_kwargs={"save_to_log_dir": False},
+        auto_configure_optimizers=False,
+        parser_kwargs={name: dict(subcommand_kwargs) for name in AdvTrainCLI.subcommands()},
+        parser_class=AdvArgumentParser,
+        args=args,
+    )

@@ -1,0 +1,20 @@
+"""The shared attack engine: model-state handling, input checks, losses, the batched gradient loop and results."""
+
+from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.loop import gradient_ascent
+from advtrain.engine.losses import LOSSES, cross_entropy, dlr_loss, margin_loss
+from advtrain.engine.modes import AttackMode, attack_context
+from advtrain.engine.result import AttackResult
+
+__all__ = [
+    "LOSSES",
+    "AttackMode",
+    "AttackResult",
+    "attack_context",
+    "check_inputs",
+    "check_labels",
+    "cross_entropy",
+    "dlr_loss",
+    "gradient_ascent",
+    "margin_loss",
+]

@@ -1,0 +1,124 @@
+"""The Carlini-Wagner MNIST network ("SmallCNN").
+
+Carlini and Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017 (MNIST model);
+called SmallCNN by Rony et al., "Decoupling Direction and Norm for Efficient Gradient-Based L2
+Adversarial Attacks and Defenses" (DDN), CVPR 2019, and by Zhang et al., "You Only Propagate Once"
+(YOPO), NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from advtrain.models.base import Classifier, check_positive_int
+from advtrain.models.registry import register_model
+
+__all__ = ["SmallCNN"]
+
+
+@register_model("small_cnn")
+class SmallCNN(Classifier):
+    """Carlini-Wagner MNIST CNN (Carlini and Wagner 2017; "SmallCNN" in DDN and YOPO).
+
+    ``conv3x3(w)-ReLU-conv3x3(w)-ReLU-maxpool2-conv3x3(2w)-ReLU-conv3x3(2w)-ReLU-maxpool2-flatten-
+    FC(hidden)-ReLU-dropout-FC(hidden)-ReLU-FC(num_classes)``, unpadded convolutions. The defaults
+    (``width=32, hidden=200, dropout=0.5``) are the published model (312,202 parameters on MNIST);
+    smaller values give a cheap variant for CPU runs. Layer one (for YOPO) is the first convolution and
+    its ReLU.
+
+    Args:
+        num_classes: Number of output logits.
+        in_channels: Number of input channels.
+        input_size: Side of the square inputs; fixes the size of the first fully connected layer. At
+            least 16 (28 for MNIST, 32 for CIFAR).
+        width: Channels of the first two convolutions; the last two have ``2 * width``.
+        hidden: Units of each of the two hidden fully connected layers.
+        dropout: Dropout probability after the first hidden fully connected layer.
+        mean: Per-channel input mean, see :class:`~advtrain.models.base.Classifier`.
+        std: Per-channel input standard deviation, see :class:`~advtrain.models.base.Classifier`.
+
+    Raises:
+        ValueError: If a size is not a positive integer, ``input_size`` is below 16 or ``dropout`` is
+            outside ``[0, 1)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 28,
+        width: int = 32,
+        hidden: int = 200,
+        dropout: float = 0.5,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        for value, name in ((input_size, "input_size"), (width, "width"), (hidden, "hidden")):
+            check_positive_int(value, name)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        # Two unpadded 3x3 convs (-4) then a 2x2 pool, twice.
+        side = ((input_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"SmallCNN needs input_size >= 16, got {input_size}")
+        self.input_size = input_size
+
+        self.first = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(width, width, kernel_size=3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, kernel_size=3),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, kernel_size=3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(2 * width * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He initialisation (He et al., "Delving Deep into Rectifiers", ICCV 2015) and zero biases.
+
+        Every layer but the last feeds a ReLU, for which He's ``fan_in`` scaling keeps the activation
+        variance constant; the last layer keeps PyTorch's default so the initial logits stay small.
+        """
+        last = self.classifier[-1]
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear) and module is not last:
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(last.bias)
+
+    def rest(self, h: Tensor) -> Tensor:
+        """Maps the output of the first convolution to logits.
+
+        Args:
+            h: Output of :meth:`layer_one`, shape ``(B, width, input_size - 2, input_size - 2)``.
+
+        Returns:
+            Logits of shape ``(B, num_classes)``.
+
+        Raises:
+            ValueError: If the input did not have the ``input_size`` the model was built for.
+        """
+        features = self.features(h).flatten(1)
+        expected = self.classifier[0].in_features
+        if features.shape[1] != expected:
+            # Without this the failure is an opaque matmul shape error deep inside nn.Linear.
+            raise ValueError(
+                f"SmallCNN was built for {self.input_size}x{self.input_size} inputs ({expected} features), "
+                f"but got {features.shape[1]} features; pass the right input_size"
+            )
+        return self.classifier(features)

@@ -1,0 +1,105 @@
+"""Loading checkpoints without executing code from them (unless the user says they trust the file)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Class paths a checkpoint of this project may name; anything else is refused unless trusted.
+TRUSTED_PREFIXES = ("advtrain.", "torch.", "pytorch_lightning.", "lightning.", "torchmetrics.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or asking to run untrusted code."""
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """Reads a checkpoint file into a dict on the CPU.
+
+    Without ``trust`` the file is read with ``torch.load(weights_only=True)``, which refuses any pickled object
+    that would need arbitrary code to rebuild, and every ``class_path`` it names must belong to advtrain,
+    torch, Lightning or torchmetrics.
+
+    Args:
+        path: the checkpoint file.
+        trust: allow full unpickling and any class path (only for files from a source you trust).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        CheckpointError: if the file is truncated/corrupt or would execute code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path.resolve()}.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} contains pickled objects that would run code when loaded ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0]}). It was not loaded. If you trust its source, pass trust_checkpoint=True "
+            "(CLI: --trust_checkpoint true)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). Use another checkpoint, e.g. last.ckpt."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ckpt).__name__}).")
+    if not trust:
+        untrusted = sorted(
+            {p for p in _class_paths(ckpt.get("hyper_parameters", {})) if not p.startswith(TRUSTED_PREFIXES)}
+        )
+        if untrusted:
+            raise CheckpointError(
+                f"{path} asks to import {untrusted}, outside advtrain/torch/Lightning. It was not loaded. If you trust "
+                "its source, pass trust_checkpoint=True (CLI: --trust_checkpoint true)."
+            )
+    return ckpt
+
+
+def _class_paths(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("class_path", "_class_path", "_instantiator") and isinstance(value, str):
+                yield value
+            else:
+                yield from _class_paths(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _class_paths(value)
+
+
+def load_training_module(path: str | Path, *, trust: bool = False, map_location: str | torch.device = "cpu"):
+    """Rebuilds an :class:`~advtrain.training.AdversarialTraining` module (architecture, maximizer, validation
+    attack) from one of its checkpoints, after :func:`read_checkpoint`'s safety checks.
+
+    Args:
+        path: a ``.ckpt`` written by advtrain.
+        trust: see :func:`read_checkpoint`.
+        map_location: where to put the weights.
+
+    Returns:
+        The module in eval mode.
+    """
+    from advtrain.training.module import AdversarialTraining
+
+    ckpt = read_checkpoint(path, trust=trust)
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of advtrain (no state_dict/hyper_parameters). For a plain state "
+            "dict, build the model with advtrain.models.create_model and load it with load_state_dict."
+        )
+    module = AdversarialTraining.load_from_checkpoint(path, map_location=map_location, weights_only=not trust)
+    return module.eval()

@@ -1,0 +1,75 @@
+"""Outer objectives: the loss a training step minimises, given the maximizer's :class:`Perturbation`.
+
+Maximizer and objective are separate components so that they combine in YAML (e.g. PGD + mixed CE).
+The model is in train mode when an objective runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advtrain.maximizers.base import Perturbation
+
+
+@dataclass
+class ObjectiveOutput:
+    """The loss to minimise and the logits it was computed from (for training metrics).
+
+    Attributes:
+        loss: scalar loss.
+        logits: logits on the training inputs (adversarial when there are any, else clean).
+        adversarial: whether ``logits`` are on perturbed inputs.
+    """
+
+    loss: Tensor
+    logits: Tensor
+    adversarial: bool
+
+
+class Objective(ABC):
+    """Base class: ``objective(model, inputs, labels, perturbation) -> ObjectiveOutput``."""
+
+    @abstractmethod
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        """Computes the training loss."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class AdversarialCE(Objective):
+    """Cross-entropy on the perturbed inputs only (Madry et al.); on clean inputs when there is no perturbation."""
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        train_inputs = inputs if pert.adv is None else pert.adv
+        logits = model(train_inputs)
+        return ObjectiveOutput(F.cross_entropy(logits, labels), logits, adversarial=pert.adv is not None)
+
+
+class MixedCE(Objective):
+    """w · CE(clean) + (1 − w) · CE(perturbed) (Goodfellow et al. 2015 used w = 0.5).
+
+    Args:
+        clean_weight: w in [0, 1].
+    """
+
+    def __init__(self, *, clean_weight: float = 0.5) -> None:
+        if not 0.0 <= clean_weight <= 1.0:
+            raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}.")
+        self.clean_weight = float(clean_weight)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        if pert.adv is None:
+            logits = model(inputs)
+            return ObjectiveOutput(F.cross_entropy(logits, labels), logits, adversarial=False)
+        clean_logits = model(inputs)
+        adv_logits = model(pert.adv)
+        loss = self.clean_weight * F.cross_entropy(clean_logits, labels) + (1 - self.clean_weight) * F.cross_entropy(
+            adv_logits, labels
+        )
+        return ObjectiveOutput(loss, adv_logits, adversarial=True)

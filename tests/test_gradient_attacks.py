@@ -1,0 +1,203 @@
+"""FGSM / BIM / PGD and the PGD maximizer: ball and box, closed-form optima, naive reference loop, model state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LinearNet, TinyCNN
+
+from advtrain.attacks import BIM, FGM, FGSM, PGD, create_attack, list_attacks
+from advtrain.maximizers import PGD as PGDMaximizer
+from advtrain.threat import geometry_for
+
+
+def _data(n=16, seed=0, shape=(1, 8, 8), classes=10):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_pgd_stays_in_ball_and_box(norm, eps, per_sample):
+    model = TinyCNN().eval()
+    x, y = _data()
+    eps_arg = torch.linspace(0.0, eps, x.shape[0]) if per_sample else None
+    result = PGD(norm=norm, eps=eps, steps=7, restarts=2, seed=1)(model, x, y, eps=eps_arg)
+    budget = eps_arg if per_sample else torch.full((x.shape[0],), eps)
+    assert (geometry_for(norm).measure(result.adv - x) <= budget + 1e-6).all()
+    assert result.adv.min() >= 0 and result.adv.max() <= 1
+    torch.testing.assert_close(result.norms, geometry_for(norm).measure(result.adv - x))
+    # A zero budget is no attack at all.
+    if per_sample:
+        torch.testing.assert_close(result.adv[0], x[0])
+
+
+def _never_fooled_binary(in_features=64):
+    """A 2-class linear model whose true class (0) keeps a margin of 3 over the whole L∞ ball of radius 0.1 (and
+    the L2 ball of radius 0.5) around x = 0.5: small enough that float32 CE gradients do not saturate."""
+    model = LinearNet(in_features, 2, seed=3)
+    x = torch.full((5, 1, 8, 8), 0.5)
+    w = model.fc.weight.detach()
+    diff = w[0] - w[1]
+    with torch.no_grad():
+        worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
+        model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
+    return model, x, torch.zeros(5, dtype=torch.long)
+
+
+def test_pgd_linf_reaches_closed_form_maximum_of_linear_loss():
+    model, x, y = _never_fooled_binary()
+    eps = 0.1  # x = 0.5 keeps the box inactive
+    result = PGD(norm="linf", eps=eps, steps=10, step_size=eps / 4, seed=0)(model, x, y)
+    w = model.fc.weight.detach()
+    optimum = eps * torch.sign(w[1] - w[0]).view(1, 1, 8, 8).expand_as(x)
+    torch.testing.assert_close(result.adv - x, optimum, atol=1e-6, rtol=0)
+    assert not result.success.any()
+    loss = F.cross_entropy(model(result.adv), y, reduction="none")
+    best = F.cross_entropy(model(x + optimum), y, reduction="none")
+    torch.testing.assert_close(loss, best)
+
+
+def test_pgd_l2_reaches_closed_form_maximum_of_linear_loss():
+    model, x, y = _never_fooled_binary()
+    eps = 0.5
+    result = PGD(norm="l2", eps=eps, steps=20, step_size=eps, seed=0)(model, x, y)
+    w = model.fc.weight.detach()
+    direction = (w[1] - w[0]) / (w[1] - w[0]).norm()
+    optimum = (eps * direction).view(1, 1, 8, 8).expand_as(x)
+    # Near the optimum float32 losses tie, so best-loss tracking may keep an iterate a hair before the last one.
+    torch.testing.assert_close(result.adv - x, optimum, atol=5e-4, rtol=0)
+    margin = lambda z: z[:, 1] - z[:, 0]  # noqa: E731
+    torch.testing.assert_close(margin(model(result.adv)), margin(model(x + optimum)), atol=1e-4, rtol=0)
+
+
+def _naive_pgd(model, x, y, eps, alpha, steps, start):
+    """Deliberately naive reference: one sample at a time, plain Python loop."""
+    out = []
+    for i in range(x.shape[0]):
+        xi, yi, delta = x[i : i + 1], y[i : i + 1], start[i : i + 1].clone()
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model(xi + delta), yi)
+            (g,) = torch.autograd.grad(loss, delta)
+            delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
+            delta = (xi + delta).clamp(0, 1) - xi
+        out.append(xi + delta)
+    return torch.cat(out)
+
+
+def test_pgd_maximizer_matches_naive_reference_loop():
+    model = TinyCNN().eval()
+    x, y = _data()
+    eps, alpha, steps = 0.1, 0.02, 5
+    torch.manual_seed(123)
+    adv = PGDMaximizer(norm="linf", eps=eps, steps=steps, step_size=alpha)(model, x, y).adv
+    torch.manual_seed(123)
+    start = (2 * torch.rand(x.shape) - 1) * eps
+    start = (x + start).clamp(0, 1) - x
+    torch.testing.assert_close(adv, _naive_pgd(model, x, y, eps, alpha, steps, start), atol=1e-6, rtol=0)
+
+
+def test_attack_keeps_best_point_and_matches_naive_when_nothing_is_fooled():
+    model, x, y = _never_fooled_binary()
+    gen_start = torch.Generator().manual_seed(5)
+    start = (2 * torch.rand(x.shape, generator=gen_start) - 1) * 0.05
+    result = PGD(norm="linf", eps=0.05, steps=3, step_size=0.01, seed=5)(model, x, y)
+    naive = _naive_pgd(model, x, y, 0.05, 0.01, 3, (x + start).clamp(0, 1) - x)
+    torch.testing.assert_close(result.adv, naive, atol=1e-6, rtol=0)
+
+
+def test_early_stopping_spends_passes_only_on_samples_still_standing():
+    model = LinearNet(64, 2, seed=0)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([50.0, 0.0]))  # everything is predicted as class 0, by a wide margin
+    x, _ = _data(n=8)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])  # half already misclassified, half never fooled
+    steps = 10
+    result = BIM(eps=0.1, steps=steps)(model, x, y)
+    assert result.success.tolist() == [False] * 4 + [True] * 4
+    # Step 1 sees all 8 samples; the 4 fooled ones then drop out of the remaining steps.
+    assert result.backward_passes == 8 + (steps - 1) * 4
+    assert result.backward_passes < 0.6 * steps * 8
+
+
+def test_model_state_is_restored():
+    model = TinyCNN()
+    model.train()
+    model.bn.eval()  # mixed modes must survive
+    model.conv.bias.requires_grad_(False)
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)
+    x, y = _data()
+    for attack in (PGD(eps=0.1, steps=2), PGD(eps=0.1, steps=2, mode="train")):
+        attack(model, x, y)
+        assert model.training and model.drop.training and not model.bn.training
+        assert not model.conv.bias.requires_grad and model.conv.weight.requires_grad
+        assert torch.all(model.fc.weight.grad == 7.0) and model.conv.weight.grad is None
+    PGDMaximizer(eps=0.1, steps=2)(model, x, y)
+    assert model.training and not model.bn.training and not model.conv.bias.requires_grad
+
+
+def test_maximizer_attack_mode_controls_batchnorm_statistics():
+    x, y = _data()
+    for mode, moves in (("eval", False), ("train", True)):
+        model = TinyCNN().train()
+        before = model.bn.running_mean.clone()
+        PGDMaximizer(eps=0.1, steps=2, attack_mode=mode)(model, x, y)
+        assert (not torch.equal(before, model.bn.running_mean)) == moves
+        assert model.training
+
+
+def test_fgsm_and_fgm_closed_form():
+    model, x, y = _never_fooled_binary()
+    w = model.fc.weight.detach()
+    adv = FGSM(eps=0.1)(model, x, y).adv
+    torch.testing.assert_close(adv - x, (0.1 * torch.sign(w[1] - w[0])).view(1, 1, 8, 8).expand_as(x))
+    adv = FGM(eps=0.5)(model, x, y).adv
+    unit = ((w[1] - w[0]) / (w[1] - w[0]).norm()).view(1, 1, 8, 8)
+    torch.testing.assert_close(adv - x, (0.5 * unit).expand_as(x), atol=1e-5, rtol=0)
+
+
+def test_targeted_pgd_reaches_targets():
+    model = LinearNet(64, 10, seed=1)
+    x, _ = _data(n=32)
+    targets = (model(x).argmax(1) + 1) % 10
+    result = PGD(eps=1.0, steps=20, targeted=True, seed=0)(model, x, targets)
+    assert (model(result.adv).argmax(1) == targets)[result.success].all()
+    assert result.success.float().mean() > 0.9
+
+
+def test_determinism_under_seed_and_batch_of_one():
+    model = TinyCNN().eval()
+    x, y = _data()
+    a = PGD(eps=0.05, steps=3, seed=7)(model, x, y).adv
+    b = PGD(eps=0.05, steps=3, seed=7)(model, x, y).adv
+    assert torch.equal(a, b)
+    one = PGD(eps=0.05, steps=3, seed=7)(model, x[:1], y[:1])
+    assert one.adv.shape == x[:1].shape and one.success.shape == (1,)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = TinyCNN().eval()
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*normalise inside the model"):
+        PGD(eps=0.1, steps=1)(model, x * 255, y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+        PGD(eps=0.1, steps=1)(model, x, y + 10)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        with torch.inference_mode():
+            PGD(eps=0.1, steps=1)(model, x, y)
+    with pytest.raises(ValueError, match="allowed values are 'linf', 'l2'"):
+        PGD(norm="l7")
+
+
+def test_registry():
+    specs = list_attacks()
+    assert {"fgsm", "fgm", "bim", "pgd"} <= set(specs)
+    assert specs["pgd"].stochastic and not specs["bim"].stochastic
+    assert isinstance(create_attack("pgd", eps=0.1, steps=3), PGD)
+    with pytest.raises(ValueError, match="registered attacks are"):
+        create_attack("pgdd")
+    with pytest.raises(ValueError, match="does not take \\['epz'\\]"):
+        create_attack("pgd", epz=0.1)
