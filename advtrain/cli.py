@@ -22,7 +22,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 
 from advtrain.attacks.base import Attack
-from advtrain.data.base import AdvDataModule
+from advtrain.data.base import AdvDataModule, DatasetNotFoundError
+from advtrain.errors import UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
@@ -52,13 +53,23 @@ if not OmegaConf.has_resolver("stamp"):
     OmegaConf.register_new_resolver("stamp", _stamp)
 
 
+def _public_path(cls: type) -> str:
+    """The shortest import path of a class, e.g. ``advtrain.maximizers.PGD`` rather than its defining module."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:end]))
+        if module is not None and getattr(module, cls.__name__, None) is cls:
+            return f"{module.__name__}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def _subclass_names(base: type) -> list[str]:
     found, stack = set(), [base]
     while stack:
         for sub in stack.pop().__subclasses__():
             stack.append(sub)
             if not sub.__name__.startswith("_") and not getattr(sub, "__abstractmethods__", None):
-                found.add(f"{sub.__module__}.{sub.__name__}")
+                found.add(_public_path(sub))
     return sorted(found)
 
 
@@ -198,6 +209,12 @@ class AdvTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
                             help="Name of the run: W&B run name and checkpoints/<run_name>/ folder.")  # fmt: skip
+        # The threat model as variables: recipes interpolate ${threat.eps} into the maximizer and the validation
+        # attack, so one override (--threat.eps 0.1) moves both, and swapping the maximizer keeps the evaluation.
+        parser.add_argument("--threat.norm", type=Literal["linf", "l2"], default="linf",
+                            help="Norm of the threat model, for interpolation as ${threat.norm}.")  # fmt: skip
+        parser.add_argument("--threat.eps", type=float, default=8 / 255,
+                            help="Budget of the threat model, for interpolation as ${threat.eps}.")  # fmt: skip
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
@@ -223,16 +240,12 @@ def _configure_wandb() -> None:
     log.info("No W&B API key found: logging to W&B in offline mode (WANDB_MODE=offline).")
 
 
-def main(args: list[str] | None = None) -> AdvTrainCLI:
-    """Entry point of ``python -m advtrain`` and the ``advtrain`` script."""
-    if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[advtrain] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    _configure_wandb()
+def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI:
+    """Builds (and with ``run`` runs) the CLI; ``run=False`` parses a config without a subcommand and instantiates
+    the trainer, model and data, as the tests of every recipe do."""
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    subcommand_kwargs = {"default_config_files": [str(DEFAULTS)], "parser_mode": "omegaconf+"}
+    kwargs = {"default_config_files": [str(DEFAULTS)], "parser_mode": "omegaconf+"}
+    parser_kwargs = {name: dict(kwargs) for name in AdvTrainCLI.subcommands()} if run else kwargs
     return AdvTrainCLI(
         AdversarialTraining,
         AdvDataModule,
@@ -241,7 +254,29 @@ def main(args: list[str] | None = None) -> AdvTrainCLI:
         save_config_callback=AdvSaveConfig,
         save_config_kwargs={"save_to_log_dir": False},
         auto_configure_optimizers=False,
-        parser_kwargs={name: dict(subcommand_kwargs) for name in AdvTrainCLI.subcommands()},
+        parser_kwargs=parser_kwargs,
         parser_class=AdvArgumentParser,
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> AdvTrainCLI:
+    """Entry point of ``python -m advtrain`` and the ``advtrain`` script.
+
+    Errors caused by the user's input (a dataset not on disk, a bad checkpoint, images outside [0, 1], labels out
+    of range) are printed as one message, without a traceback, and exit with status 2.
+    """
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[advtrain] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    _configure_wandb()
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls, not actionable
+    try:
+        return build_cli(args)
+    except (UserError, DatasetNotFoundError) as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None

@@ -8,6 +8,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -52,7 +54,7 @@ class PGD(Attack):
     def __init__(
         self,
         *,
-        norm: str = "linf",
+        norm: Literal["linf", "l2"] = "linf",
         eps: float = 8 / 255,
         steps: int = 40,
         step_size: float | None = None,
@@ -60,7 +62,7 @@ class PGD(Attack):
         random_start: bool = True,
         targeted: bool = False,
         loss: str = "ce",
-        mode: str = "eval",
+        mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
         super().__init__(mode=mode, seed=seed)

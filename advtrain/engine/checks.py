@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from advtrain.errors import InvalidInputError
+
 _BOX_TOLERANCE = 1e-6
 
 
@@ -12,18 +14,18 @@ def check_inputs(inputs: Tensor) -> None:
     """Raises a clear error unless ``inputs`` is a floating batch of finite images in [0, 1].
 
     Raises:
-        ValueError: naming what is wrong and what to do.
+        InvalidInputError (a ValueError): naming what is wrong and what to do.
     """
     if not torch.is_floating_point(inputs):
-        raise ValueError(f"inputs must be a floating-point tensor in [0, 1], got dtype {inputs.dtype}.")
+        raise InvalidInputError(f"inputs must be a floating-point tensor in [0, 1], got dtype {inputs.dtype}.")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty batch of shape (B, ...), got shape {tuple(inputs.shape)}.")
+        raise InvalidInputError(f"inputs must be a non-empty batch of shape (B, ...), got shape {tuple(inputs.shape)}.")
     lo, hi = torch.aminmax(inputs.detach())
     lo, hi = float(lo), float(hi)
     if not (lo == lo and hi == hi) or abs(lo) == float("inf") or abs(hi) == float("inf"):
-        raise ValueError("inputs contain NaN or infinite values.")
+        raise InvalidInputError("inputs contain NaN or infinite values.")
     if lo < -_BOX_TOLERANCE or hi > 1 + _BOX_TOLERANCE:
-        raise ValueError(
+        raise InvalidInputError(
             f"inputs must lie in [0, 1] but range over [{lo:.4g}, {hi:.4g}]: advtrain models take [0, 1] images "
             "and normalise inside the model. Remove any Normalize transform from the data pipeline and pass "
             "the dataset's mean/std to the model instead (advtrain.models.create_model(..., mean=..., std=...))."
@@ -34,16 +36,16 @@ def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None
     """Raises a clear error unless ``labels`` are integer class indices in [0, num_classes).
 
     Raises:
-        ValueError: naming the offending range and the number of classes.
+        InvalidInputError (a ValueError): naming the offending range and the number of classes.
     """
     if labels.dtype in (torch.bool,) or torch.is_floating_point(labels) or torch.is_complex(labels):
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+        raise InvalidInputError(f"labels must be integer class indices, got dtype {labels.dtype}.")
     if labels.ndim != 1 or (batch_size is not None and labels.shape[0] != batch_size):
-        raise ValueError(f"labels must have shape ({batch_size or 'B'},), got {tuple(labels.shape)}.")
+        raise InvalidInputError(f"labels must have shape ({batch_size or 'B'},), got {tuple(labels.shape)}.")
     lo, hi = torch.aminmax(labels)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_classes:
-        raise ValueError(
+        raise InvalidInputError(
             f"labels must lie in [0, {num_classes - 1}] for a {num_classes}-class model, but range over "
             f"[{lo}, {hi}]. Check that the model's num_classes matches the dataset."
         )

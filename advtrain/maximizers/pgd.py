@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
 from advtrain.engine.loop import gradient_ascent
@@ -36,12 +38,12 @@ class PGD(InnerMaximizer):
     def __init__(
         self,
         *,
-        norm: str = "linf",
+        norm: Literal["linf", "l2"] = "linf",
         eps: float = 8 / 255,
         steps: int = 10,
         step_size: float | None = 2 / 255,
         random_start: bool = True,
-        attack_mode: str = "eval",
+        attack_mode: Literal["eval", "train"] = "eval",
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")

@@ -107,3 +107,14 @@ def create_model(name: str, **kwargs: Any) -> Classifier:
     if not isinstance(model, Classifier):
         raise TypeError(f"model {name!r} was built as {type(model).__name__}, which is not a Classifier")
     return model
+
+
+def model_keywords(name: str) -> set[str] | None:
+    """Keyword arguments the model registered under ``name`` accepts (``None``: any).
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists every registered name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _keyword_names(_REGISTRY[name])

@@ -11,13 +11,15 @@ from typing import Any
 
 import torch
 
+from advtrain.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Class paths a checkpoint of this project may name; anything else is refused unless trusted.
 TRUSTED_PREFIXES = ("advtrain.", "torch.", "pytorch_lightning.", "lightning.", "torchmetrics.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or asking to run untrusted code."""
 
 

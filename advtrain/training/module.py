@@ -113,7 +113,7 @@ class AdversarialTraining(pl.LightningModule):
         out = self.objective(self.model, x, y, pert)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"The training loss is {float(out.loss)} at epoch {self.current_epoch}, batch {batch_idx}. "
+                f"The training loss is {float(out.loss.detach())} at epoch {self.current_epoch}, batch {batch_idx}. "
                 "Lower the learning rate or check the data; the last checkpoint is intact."
             )
         prefix = "train/adv" if out.adversarial else "train/clean"

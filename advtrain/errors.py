@@ -1,0 +1,11 @@
+"""Errors that mean "the user must change something", shown without a traceback by the CLI."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Mixin for errors caused by the user's input or files; the CLI prints the message and exits with code 2."""
+
+
+class InvalidInputError(UserError, ValueError):
+    """Inputs or labels that break the contract (images in [0, 1], integer labels in range)."""

@@ -1,0 +1,6 @@
+"""Training: the LightningModule, outer objectives, learning-rate schedules and checkpoint loading."""
+
+from advtrain.training.module import AdversarialTraining
+from advtrain.training.objectives import AdversarialCE, MixedCE, Objective, ObjectiveOutput
+
+__all__ = ["AdversarialCE", "AdversarialTraining", "MixedCE", "Objective", "ObjectiveOutput"]

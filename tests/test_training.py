@@ -1,0 +1,94 @@
+"""Objectives, schedules and the training step of the LightningModule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TinyCNN
+
+from advtrain.maximizers import PGD, Perturbation, Standard
+from advtrain.training import AdversarialCE, AdversarialTraining, MixedCE
+from advtrain.training.schedules import Cosine, MultiStep, OneCycle, total_steps_context
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def test_adversarial_ce_uses_perturbed_inputs_and_mixed_ce_weights_both():
+    model = TinyCNN().eval()
+    x, y = _batch()
+    adv = (x + 0.1).clamp(0, 1)
+    out = AdversarialCE()(model, x, y, Perturbation(adv=adv))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(adv), y))
+    assert out.adversarial
+    clean = AdversarialCE()(model, x, y, Perturbation(adv=None))
+    torch.testing.assert_close(clean.loss, F.cross_entropy(model(x), y))
+    mixed = MixedCE(clean_weight=0.25)(model, x, y, Perturbation(adv=adv))
+    expected = 0.25 * F.cross_entropy(model(x), y) + 0.75 * F.cross_entropy(model(adv), y)
+    torch.testing.assert_close(mixed.loss, expected)
+    with pytest.raises(ValueError, match="clean_weight"):
+        MixedCE(clean_weight=1.5)
+
+
+def test_standard_maximizer_trains_clean():
+    assert Standard()(TinyCNN(), *_batch()).adv is None
+
+
+def test_pgd_maximizer_returns_points_inside_ball_and_box():
+    x, y = _batch()
+    pert = PGD(eps=0.1, steps=3, step_size=0.05)(TinyCNN(), x, y)
+    assert (pert.adv - x).abs().max() <= 0.1 + 1e-6 and pert.adv.min() >= 0 and pert.adv.max() <= 1
+    assert not torch.equal(pert.adv, x)
+
+
+def _lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_multistep_milestones_are_fractions_of_training():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with total_steps_context(100):
+        sched = MultiStep(opt, milestones=[0.5, 0.75], gamma=0.1)
+    lrs = _lrs(sched, opt, 100)
+    assert lrs[49] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.01)
+    assert lrs[74] == pytest.approx(0.01) and lrs[75] == pytest.approx(0.001)
+    assert sched.interval == "step"
+
+
+def test_cosine_and_one_cycle_need_and_use_the_step_count():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="total number of optimizer steps"):
+        Cosine(opt)
+    with total_steps_context(10):
+        lrs = _lrs(Cosine(opt, warmup=0.2), opt, 10)
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0) and lrs[-1] < 0.05
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = _lrs(OneCycle(opt, max_lr=0.2, pct_start=0.4, anneal_strategy="linear", total_steps=50), opt, 50)
+    assert max(lrs) == pytest.approx(0.2, rel=1e-3) and lrs.index(max(lrs)) == pytest.approx(20, abs=1)
+
+
+def test_non_finite_loss_stops_with_a_message():
+    module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8})
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.fill_(float("nan"))
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FloatingPointError, match="training loss is nan"):
+        module.training_step((x, y, torch.arange(4)), 0)
+
+
+def test_module_builds_registered_models_with_dataset_facts():
+    module = AdversarialTraining(arch="preact_resnet18", num_classes=100, image_shape=(3, 32, 32),
+                                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
+    assert module(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    assert module.model.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(TypeError, match="nope"):
+        AdversarialTraining(arch="small_cnn", arch_kwargs={"nope": 1})
