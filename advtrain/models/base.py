@@ -189,3 +189,20 @@ class Classifier(nn.Module):
         """
         layer_one_ids = {id(p) for p in self.layer_one_parameters()}
         return [p for p in self.parameters() if id(p) not in layer_one_ids]
+
+
+def fixed_size_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``model.classifier(model.features(h).flatten(1))`` for models whose linear head fixes the input size.
+
+    Raises:
+        ValueError: If the input did not have the ``input_size`` the model was built for (instead of an opaque
+            matmul shape error deep inside ``nn.Linear``).
+    """
+    features = model.features(h).flatten(1)
+    expected = model.classifier[0].in_features
+    if features.shape[1] != expected:
+        raise ValueError(
+            f"{type(model).__name__} was built for {model.input_size}x{model.input_size} inputs ({expected} "
+            f"features), but got {features.shape[1]} features; pass the right input_size"
+        )
+    return model.classifier(features)

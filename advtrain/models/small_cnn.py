@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from advtrain.models.base import Classifier, check_positive_int
+from advtrain.models.base import Classifier, check_positive_int, fixed_size_head
 from advtrain.models.registry import register_model
 
 __all__ = ["SmallCNN"]
@@ -113,12 +113,4 @@ class SmallCNN(Classifier):
         Raises:
             ValueError: If the input did not have the ``input_size`` the model was built for.
         """
-        features = self.features(h).flatten(1)
-        expected = self.classifier[0].in_features
-        if features.shape[1] != expected:
-            # Without this the failure is an opaque matmul shape error deep inside nn.Linear.
-            raise ValueError(
-                f"SmallCNN was built for {self.input_size}x{self.input_size} inputs ({expected} features), "
-                f"but got {features.shape[1]} features; pass the right input_size"
-            )
-        return self.classifier(features)
+        return fixed_size_head(self, h)

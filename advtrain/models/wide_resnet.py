@@ -134,16 +134,24 @@ class WideResNet(Classifier):
         return self.linear(out)
 
 
-@register_model("wrn28_10")
-def wrn28_10(
-    *,
-    dropout: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> WideResNet:
-    """WRN-28-10 (Zagoruyko and Komodakis 2016), about 36.5 M parameters for 10 classes.
+def _preset(name: str, depth: int, widen_factor: int, summary: str):
+    """Registers a fixed-size WideResNet under ``name``; its depth and width cannot be overridden."""
+
+    def build(
+        *,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> WideResNet:
+        return WideResNet(
+            depth=depth, widen_factor=widen_factor, dropout=dropout, num_classes=num_classes,
+            in_channels=in_channels, mean=mean, std=std,
+        )  # fmt: skip
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"""{summary}
 
     Args:
         dropout: Dropout probability inside each block.
@@ -153,60 +161,11 @@ def wrn28_10(
         std: Per-channel input standard deviation.
 
     Returns:
-        A freshly initialised :class:`WideResNet` with ``depth=28, widen_factor=10``.
+        A freshly initialised :class:`WideResNet` with ``depth={depth}, widen_factor={widen_factor}``.
     """
-    return WideResNet(
-        depth=28, widen_factor=10, dropout=dropout, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
-    )
+    return register_model(name)(build)
 
 
-@register_model("wrn34_10")
-def wrn34_10(
-    *,
-    dropout: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> WideResNet:
-    """WRN-34-10 (Zagoruyko and Komodakis 2016; Madry et al. 2018), about 46.2 M parameters.
-
-    Args:
-        dropout: Dropout probability inside each block.
-        num_classes: Number of output logits.
-        in_channels: Number of input channels.
-        mean: Per-channel input mean.
-        std: Per-channel input standard deviation.
-
-    Returns:
-        A freshly initialised :class:`WideResNet` with ``depth=34, widen_factor=10``.
-    """
-    return WideResNet(
-        depth=34, widen_factor=10, dropout=dropout, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
-    )
-
-
-@register_model("wrn28_4")
-def wrn28_4(
-    *,
-    dropout: float = 0.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> WideResNet:
-    """WRN-28-4 (Zagoruyko and Komodakis 2016), a cheaper wide network of about 5.8 M parameters.
-
-    Args:
-        dropout: Dropout probability inside each block.
-        num_classes: Number of output logits.
-        in_channels: Number of input channels.
-        mean: Per-channel input mean.
-        std: Per-channel input standard deviation.
-
-    Returns:
-        A freshly initialised :class:`WideResNet` with ``depth=28, widen_factor=4``.
-    """
-    return WideResNet(
-        depth=28, widen_factor=4, dropout=dropout, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
-    )
+wrn28_10 = _preset("wrn28_10", 28, 10, "WRN-28-10 (Zagoruyko and Komodakis 2016), about 36.5 M parameters.")
+wrn34_10 = _preset("wrn34_10", 34, 10, "WRN-34-10 (Zagoruyko and Komodakis 2016; Madry et al. 2018), about 46.2 M.")
+wrn28_4 = _preset("wrn28_4", 28, 4, "WRN-28-4 (Zagoruyko and Komodakis 2016), a cheaper wide network of about 5.8 M.")
