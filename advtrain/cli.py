@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +23,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 
 from advtrain.attacks.base import Attack
-from advtrain.data.base import AdvDataModule, DatasetNotFoundError
-from advtrain.errors import UserError
+from advtrain.data.base import AdvDataModule
+from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
@@ -50,7 +51,9 @@ def _stamp() -> str:
 
 
 if not OmegaConf.has_resolver("stamp"):
-    OmegaConf.register_new_resolver("stamp", _stamp)
+    with warnings.catch_warnings():  # omegaconf 2.4 renames it; 2.3 (also supported) has only this name
+        warnings.simplefilter("ignore", UserWarning)
+        OmegaConf.register_new_resolver("stamp", _stamp)
 
 
 def _public_path(cls: type) -> str:
@@ -206,6 +209,15 @@ class AdvTrainCLI(LightningCLI):
         kwargs.setdefault("parser_mode", "omegaconf+")
         return super().init_parser(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        """Instantiation errors are config errors (an impossible split size, a bad value): reported as such."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if os.environ.get("ADVTRAIN_DEBUG"):
+                raise
+            raise InvalidConfigError(f"The configuration could not be instantiated: {err}") from err
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
                             help="Name of the run: W&B run name and checkpoints/<run_name>/ folder.")  # fmt: skip
@@ -267,16 +279,20 @@ def main(args: list[str] | None = None) -> AdvTrainCLI:
     Errors caused by the user's input (a dataset not on disk, a bad checkpoint, images outside [0, 1], labels out
     of range) are printed as one message, without a traceback, and exit with status 2.
     """
-    if not log.handlers:
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        # Nobody configured logging (plain CLI use): print advtrain's messages; otherwise (an application or pytest
+        # configured the root logger) they propagate there.
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[advtrain] %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
         log.propagate = False
     _configure_wandb()
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls, not actionable
+    # The resolved config.yaml is written into the checkpoint folder before ModelCheckpoint looks at it.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     try:
         return build_cli(args)
-    except (UserError, DatasetNotFoundError) as err:
+    except UserError as err:
         log.error("%s", err)
         raise SystemExit(2) from None

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class InvalidInputError(UserError, ValueError):
     """Inputs or labels that break the contract (images in [0, 1], integer labels in range)."""
+
+
+class InvalidConfigError(UserError, ValueError):
+    """A configuration value that cannot work (an empty split, a negative size, ...)."""

@@ -176,3 +176,30 @@ def test_corrupt_and_code_executing_checkpoints_are_refused(tmp_path):
 class _Payload:
     def __reduce__(self):
         return (pickle.loads, (pickle.dumps(42),))
+
+
+def test_wandb_runs_offline_and_stores_the_resolved_config(in_tmp, caplog, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(in_tmp))  # no ~/.netrc with a key
+    import wandb
+
+    args = ["fit", "--config", QUICKSTART, "--run_name", "wb", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.logger.init_args.save_dir", str(in_tmp)]  # fmt: skip
+    try:
+        main(args)
+    finally:
+        wandb.finish()
+    runs = list((in_tmp / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "W&B must run offline without an API key"
+    saved = (runs[0] / "files" / "config.yaml").read_text()
+    assert "advtrain.maximizers.PGD" in saved and "run_name: wb" in saved
+    assert "wandb sync" in caplog.text and runs[0].name in caplog.text
+
+
+def test_empty_split_stops_with_a_message(in_tmp, caplog):
+    args = ["fit", "--config", QUICKSTART, "--config", SMOKE, "--data.init_args.val_size", "4600"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "val_size" in caplog.text

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from advtrain.errors import InvalidConfigError, UserError
+
 __all__ = [
     "AdvDataModule",
     "DatasetNotFoundError",
@@ -29,7 +31,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The files of a dataset are not on disk and could not be downloaded.
 
     Args:
@@ -105,9 +107,9 @@ def seeded_split(
         ValueError: If a size is negative or the training split would be empty or larger than what is available.
     """
     if val_size < 0:
-        raise ValueError(f"val_size must be >= 0, got {val_size}")
+        raise InvalidConfigError(f"val_size must be >= 0, got {val_size}")
     if val_size >= num_samples:
-        raise ValueError(
+        raise InvalidConfigError(
             f"val_size={val_size} leaves no training samples: the training set has {num_samples} samples, "
             f"so val_size must be < {num_samples}"
         )
@@ -135,7 +137,7 @@ def take_train_subset(train_indices: torch.Tensor, train_subset: int | None, *, 
         return train_indices
     _check_train_subset(train_subset)
     if train_subset > train_indices.numel():
-        raise ValueError(
+        raise InvalidConfigError(
             f"train_subset={train_subset} exceeds the {train_indices.numel()} training samples left after holding out "
             f"val_size={val_size}; use train_subset <= {train_indices.numel()} or train_subset: null for all"
         )
@@ -144,7 +146,7 @@ def take_train_subset(train_indices: torch.Tensor, train_subset: int | None, *, 
 
 def _check_train_subset(train_subset: int | None) -> None:
     if train_subset is not None and train_subset <= 0:
-        raise ValueError(
+        raise InvalidConfigError(
             f"train_subset={train_subset} would make the training set empty; use a positive size or null for all"
         )
 
@@ -218,13 +220,13 @@ class AdvDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InvalidConfigError(f"batch_size must be positive, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size <= 0:
-            raise ValueError(f"eval_batch_size must be positive or null, got {eval_batch_size}")
+            raise InvalidConfigError(f"eval_batch_size must be positive or null, got {eval_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise InvalidConfigError(f"num_workers must be >= 0, got {num_workers}")
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+            raise InvalidConfigError(f"val_size must be >= 0, got {val_size}")
         _check_train_subset(train_subset)
         self.save_hyperparameters()
         self.root = root
@@ -278,7 +280,7 @@ class AdvDataModule(pl.LightningDataModule):
         if needs_test and self.test_dataset is None:
             test_set = self._load_test_set(self._eval_transform())
             if len(test_set) == 0:
-                raise ValueError(f"the {self.name} test set is empty")
+                raise InvalidConfigError(f"the {self.name} test set is empty")
             self.test_dataset = IndexedSubset(test_set, range(len(test_set)))
             logger.info("%s: test split of %d samples", self.name, len(self.test_dataset))
 

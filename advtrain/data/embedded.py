@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from advtrain.data.base import AdvDataModule, IndexedSubset, stratified_permutation, take_train_subset
 from advtrain.data.mnist import MNIST_MEAN, MNIST_STD
+from advtrain.errors import InvalidConfigError
 
 __all__ = ["MNIST5kDataModule", "TensorImageDataset", "load_mnist5k"]
 
@@ -49,7 +50,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
             f"reinstall advtrain with its package data"
         ) from err
     if images.shape != (_NUM_SAMPLES, 28, 28) or labels.shape != (_NUM_SAMPLES,):
-        raise ValueError(f"{_ASSET} has unexpected shapes: images {images.shape}, labels {labels.shape}")
+        raise InvalidConfigError(f"{_ASSET} has unexpected shapes: images {images.shape}, labels {labels.shape}")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
@@ -65,7 +66,7 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+            raise InvalidConfigError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         # Scaled once up front: the set is small and per-item conversion would dominate loading time.
         self.images = images.to(torch.float32).div_(255.0)
         self.labels = labels.to(torch.int64)
@@ -142,9 +143,9 @@ class MNIST5kDataModule(AdvDataModule):
             train_subset=train_subset,
         )
         if test_size <= 0:
-            raise ValueError(f"test_size must be positive (the test split cannot be empty), got {test_size}")
+            raise InvalidConfigError(f"test_size must be positive (the test split cannot be empty), got {test_size}")
         if val_size + test_size >= _NUM_SAMPLES:
-            raise ValueError(
+            raise InvalidConfigError(
                 f"val_size={val_size} + test_size={test_size} leaves no training digits: the embedded set has "
                 f"{_NUM_SAMPLES}, so val_size + test_size must be < {_NUM_SAMPLES}"
             )
