@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 
 import torch
@@ -59,5 +60,9 @@ class Attack(ABC):
         """Runs the attack on a model already in attack state."""
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
+        params = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        shown = []
+        for name in params:
+            value = getattr(self, name, None)
+            shown.append(f"{name}={getattr(value, 'value', value)!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"

@@ -5,6 +5,7 @@ from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import LOSSES, cross_entropy, dlr_loss, margin_loss
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 
 __all__ = [
     "LOSSES",
@@ -17,4 +18,7 @@ __all__ = [
     "dlr_loss",
     "gradient_ascent",
     "margin_loss",
+    "MinimalNormTracker",
+    "PassCounter",
+    "logits_of",
 ]

@@ -9,6 +9,7 @@ Adversarial Attacks and Defenses" (DDN), CVPR 2019, and by Zhang et al., "You On
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -36,6 +37,8 @@ class SmallCNN(Classifier):
         width: Channels of the first two convolutions; the last two have ``2 * width``.
         hidden: Units of each of the two hidden fully connected layers.
         dropout: Dropout probability after the first hidden fully connected layer.
+        activation: ``"relu"`` (the published model) or a smooth ``"softplus"``/``"silu"`` variant, whose
+            Hessian does not vanish almost everywhere (second-order attacks, Yao et al. 2019).
         mean: Per-channel input mean, see :class:`~advtrain.models.base.Classifier`.
         std: Per-channel input standard deviation, see :class:`~advtrain.models.base.Classifier`.
 
@@ -53,6 +56,7 @@ class SmallCNN(Classifier):
         width: int = 32,
         hidden: int = 200,
         dropout: float = 0.5,
+        activation: Literal["relu", "softplus", "silu"] = "relu",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
@@ -66,24 +70,28 @@ class SmallCNN(Classifier):
         if side < 1:
             raise ValueError(f"SmallCNN needs input_size >= 16, got {input_size}")
         self.input_size = input_size
+        acts = {"relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        act = acts[activation]
 
-        self.first = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3), nn.ReLU())
+        self.first = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3), act())
         self.features = nn.Sequential(
             nn.Conv2d(width, width, kernel_size=3),
-            nn.ReLU(),
+            act(),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, kernel_size=3),
-            nn.ReLU(),
+            act(),
             nn.Conv2d(2 * width, 2 * width, kernel_size=3),
-            nn.ReLU(),
+            act(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Linear(2 * width * side * side, hidden),
-            nn.ReLU(),
+            act(),
             nn.Dropout(dropout),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            act(),
             nn.Linear(hidden, num_classes),
         )
         self._init_weights()

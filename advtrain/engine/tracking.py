@@ -1,0 +1,76 @@
+"""Building blocks every attack shares: pass counting, model calls with optional autocast, best-result tracking."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from advtrain.engine.result import AttackResult
+
+
+@dataclass
+class PassCounter:
+    """Counts per-sample forward and backward passes (a batch of n samples counts n) and batched model calls."""
+
+    forward_passes: int = 0
+    backward_passes: int = 0
+    model_calls: int = 0
+
+    def forward(self, n: int) -> None:
+        self.forward_passes += int(n)
+        self.model_calls += 1
+
+    def backward(self, n: int) -> None:
+        self.backward_passes += int(n)
+
+
+def logits_of(
+    model: nn.Module, inputs: Tensor, counter: PassCounter | None = None, *, autocast: torch.dtype | None = None
+) -> Tensor:
+    """Calls the model and returns float32 logits; with ``autocast`` (e.g. ``torch.bfloat16``) the model runs in
+    that precision while the perturbation and everything computed from the logits stay in float32."""
+    ctx = torch.autocast(inputs.device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with ctx:
+        logits = model(inputs)
+    if counter is not None:
+        counter.forward(inputs.shape[0])
+    return logits.float()
+
+
+class MinimalNormTracker:
+    """Keeps, per sample, the successful point of smallest norm (minimal-norm attacks).
+
+    A sample that is never fooled keeps its clean input, with ``success = False``.
+
+    Args:
+        inputs: the clean batch.
+    """
+
+    def __init__(self, inputs: Tensor) -> None:
+        self.inputs = inputs.detach()
+        self.best_adv = self.inputs.clone()
+        self.best_norm = torch.full((inputs.shape[0],), float("inf"), device=inputs.device)
+        self.success = torch.zeros(inputs.shape[0], dtype=torch.bool, device=inputs.device)
+
+    def update(self, index: Tensor, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
+        """Offers candidate points ``adv`` (with their ``norms`` and whether they fool) for samples ``index``."""
+        better = fooled & (norms < self.best_norm[index])
+        upd = index[better]
+        self.best_adv[upd] = adv[better].detach().to(self.best_adv.dtype)
+        self.best_norm[upd] = norms[better].detach().float()
+        self.success[upd] = True
+
+    def result(self, measure, counter: PassCounter) -> AttackResult:
+        """The :class:`AttackResult`, with norms measured by ``measure(delta) -> (B,)``."""
+        adv = self.best_adv.clamp(0.0, 1.0)
+        return AttackResult(
+            adv=adv,
+            success=self.success.clone(),
+            norms=measure((adv - self.inputs).float()),
+            forward_passes=counter.forward_passes,
+            backward_passes=counter.backward_passes,
+            model_calls=counter.model_calls,
+        )

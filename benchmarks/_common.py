@@ -1,0 +1,81 @@
+"""Shared helpers of the benchmark scripts: peer libraries, the reference model, timing, tables."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cache"
+
+
+def import_adv_lib():
+    """Imports adv-lib's attacks, or returns None when it is not installed.
+
+    adv-lib installs with ``pip install --no-deps adv-lib`` (its visdom dependency does not build here); visdom is
+    only used by its optional progress logger, so a stub module stands in for it.
+    """
+    if "visdom" not in sys.modules:
+        stub = types.ModuleType("visdom")
+        stub.Visdom = object
+        sys.modules["visdom"] = stub
+    try:
+        import adv_lib.attacks as attacks
+    except ImportError:
+        return None
+    return attacks
+
+
+def import_torchattacks():
+    """Imports torchattacks, or returns None when it is not installed."""
+    try:
+        import torchattacks
+    except ImportError:
+        return None
+    return torchattacks
+
+
+def reference_model(activation: str = "relu"):
+    """The trained SmallCNN of :func:`advtrain.models.reference.train_reference_model`, cached under results/."""
+    from advtrain.models.reference import train_reference_model
+
+    return train_reference_model(activation=activation, cache_dir=CACHE)
+
+
+def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
+    """Runs ``fn`` ``repeats`` times and returns (last result, median wall time in seconds)."""
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def median_norm_with_failures(norms: torch.Tensor, success: torch.Tensor) -> float:
+    """Median over samples with failures counted as +inf (Rony et al. 2019's convention)."""
+    values = torch.where(success, norms.float(), torch.full_like(norms.float(), float("inf")))
+    return float(values.median())
+
+
+def write_table(name: str, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+    """Prints a markdown table of ``rows`` and writes them as JSON to ``benchmarks/results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2, default=str))
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\n(written to {path})")
+    return path
