@@ -18,6 +18,7 @@ from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import get_loss
 from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import autocast_dtype
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import as_eps_tensor
 
@@ -44,6 +45,8 @@ class PGD(Attack):
         random_start: start from a random point in the ball.
         targeted: ``labels`` are targets to reach.
         loss: ``"ce"`` (default), ``"margin"`` or ``"dlr"``.
+        autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast; the perturbation and its step stay float32.
+        compile: use the ``torch.compile``-d fused step (same results as the eager step; pays off on GPUs).
         mode, seed: see :class:`Attack`.
 
     Example:
@@ -62,6 +65,8 @@ class PGD(Attack):
         random_start: bool = True,
         targeted: bool = False,
         loss: str = "ce",
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
@@ -80,6 +85,9 @@ class PGD(Attack):
         self.targeted = bool(targeted)
         self.loss = loss
         self._loss_fn = get_loss(loss)
+        self.autocast = autocast
+        self._autocast = autocast_dtype(autocast)
+        self.compile = bool(compile)
 
     def step_sizes(self, eps: Tensor) -> Tensor:
         """Per-sample α: the configured value, or 2.5·ε/steps."""
@@ -102,6 +110,8 @@ class PGD(Attack):
             targeted=self.targeted,
             restarts=self.restarts,
             generator=generator,
+            autocast=self._autocast,
+            compile=self.compile,
         )
 
 

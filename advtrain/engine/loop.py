@@ -18,8 +18,26 @@ from torch import Tensor, nn
 from advtrain.engine.checks import check_inputs, check_labels
 from advtrain.engine.losses import LossFn, is_fooled
 from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.threat.geometry import Geometry
 from advtrain.threat.norms import view_as_batch
+
+_COMPILED: dict[type, object] = {}
+
+
+def ascent_step(geometry: Geometry, inputs: Tensor, delta: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor) -> Tensor:
+    """One projected steepest-ascent step, δ ← Π_{ball ∩ box}(δ + α · u(∇)): all elementwise, one fusible unit."""
+    step = view_as_batch(alpha, delta) * geometry.ascent_direction(grad)
+    return geometry.project_ball_box(inputs, delta + step, eps)
+
+
+def compiled_ascent_step(geometry: Geometry):
+    """:func:`ascent_step` compiled with ``torch.compile`` (one fused kernel per geometry on GPU), cached per geometry
+    class; shapes are dynamic so a shrinking active set does not trigger recompilation."""
+    key = type(geometry)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(ascent_step, dynamic=True)
+    return _COMPILED[key]
 
 
 def _require_grad_mode() -> None:
@@ -46,6 +64,8 @@ def gradient_ascent(
     keep_best: bool = True,
     early_stop: bool = True,
     generator: torch.Generator | None = None,
+    autocast: torch.dtype | None = None,
+    compile: bool = False,
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -69,6 +89,10 @@ def gradient_ascent(
             last iterate (training).
         early_stop: drop fooled samples from the active set.
         generator: RNG for the random start.
+        autocast: run the model under autocast in this dtype (e.g. ``torch.bfloat16``); the perturbation, the
+            gradient step and the norms stay in float32.
+        compile: use the ``torch.compile``-d step (:func:`compiled_ascent_step`); the eager step is the reference
+            it is tested against.
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
@@ -84,8 +108,9 @@ def gradient_ascent(
     best_delta = torch.zeros_like(x, dtype=torch.float32)
     best_loss = torch.full((batch,), float("-inf"), device=device)
     success = torch.zeros(batch, dtype=torch.bool, device=device)
-    forwards = backwards = calls = 0
+    counter = PassCounter()
     labels_checked = False
+    step_fn = compiled_ascent_step(geometry) if compile else ascent_step
 
     def score(idx: Tensor, delta: Tensor, logits: Tensor) -> None:
         """Records the points ``delta`` of samples ``idx`` when they beat the best so far."""
@@ -107,16 +132,14 @@ def gradient_ascent(
         delta = geometry.project_ball_box(xa, delta, eps[active])
         for _ in range(steps):
             delta.requires_grad_(True)
-            logits = model((xa + delta).to(x.dtype))
+            logits = logits_of(model, (xa + delta).to(x.dtype), counter, autocast=autocast)
             if not labels_checked:
                 check_labels(y, logits.shape[1], batch)
                 labels_checked = True
             loss = loss_fn(logits, y[active])
             grad = torch.autograd.grad(loss.sum() * sign, delta)[0]
             delta = delta.detach()
-            forwards += active.numel()
-            backwards += active.numel()
-            calls += 1
+            counter.backward(active.numel())
             if keep_best:
                 score(active, delta, logits)
             if early_stop:
@@ -125,13 +148,10 @@ def gradient_ascent(
                     active, xa, delta, grad = active[keep], xa[keep], delta[keep], grad[keep]
                     if active.numel() == 0:
                         break
-            step = view_as_batch(step_size[active], delta) * geometry.ascent_direction(grad)
-            delta = geometry.project_ball_box(xa, delta + step, eps[active])
+            delta = step_fn(geometry, xa, delta, grad, step_size[active], eps[active])
         if keep_best and active.numel() > 0:
             with torch.no_grad():
-                logits = model((xa + delta).to(x.dtype))
-            forwards += active.numel()
-            calls += 1
+                logits = logits_of(model, (xa + delta).to(x.dtype), counter, autocast=autocast)
             score(active, delta, logits)
         if not keep_best:
             best_delta[active] = delta
@@ -141,7 +161,7 @@ def gradient_ascent(
         adv=adv.detach(),
         success=success,
         norms=geometry.measure((adv - x).float()),
-        forward_passes=forwards,
-        backward_passes=backwards,
-        model_calls=calls,
+        forward_passes=counter.forward_passes,
+        backward_passes=counter.backward_passes,
+        model_calls=counter.model_calls,
     )

@@ -27,6 +27,20 @@ class PassCounter:
         self.backward_passes += int(n)
 
 
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """Parses an ``autocast`` option (``None``, ``"bf16"``, ``"fp16"``) once, at the boundary."""
+    if name is None:
+        return None
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"Unknown autocast {name!r}; allowed values are None, {', '.join(map(repr, AUTOCAST_DTYPES))}."
+        )
+    return AUTOCAST_DTYPES[name]
+
+
 def logits_of(
     model: nn.Module, inputs: Tensor, counter: PassCounter | None = None, *, autocast: torch.dtype | None = None
 ) -> Tensor:

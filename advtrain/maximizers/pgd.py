@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import cross_entropy
 from advtrain.engine.modes import AttackMode, attack_context
+from advtrain.engine.tracking import autocast_dtype
 from advtrain.maximizers.base import InnerMaximizer, Perturbation
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import as_eps_tensor
@@ -33,6 +34,8 @@ class PGD(InnerMaximizer):
         step_size: α (CIFAR L∞ 2/255, L2 15/255; MNIST 0.01); ``None`` gives 2.5·ε/steps.
         random_start: start from a random point of the ball.
         attack_mode: ``"eval"`` or ``"train"``.
+        autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast during the attack (perturbation in float32).
+        compile: use the ``torch.compile``-d fused step.
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class PGD(InnerMaximizer):
         step_size: float | None = 2 / 255,
         random_start: bool = True,
         attack_mode: Literal["eval", "train"] = "eval",
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
@@ -56,6 +61,9 @@ class PGD(InnerMaximizer):
         self.step_size = step_size
         self.random_start = bool(random_start)
         self.attack_mode = AttackMode.parse(attack_mode).value
+        self.autocast = autocast
+        self._autocast = autocast_dtype(autocast)
+        self.compile = bool(compile)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
         eps = as_eps_tensor(self.eps, inputs)
@@ -73,5 +81,7 @@ class PGD(InnerMaximizer):
                 random_start=self.random_start,
                 keep_best=False,
                 early_stop=False,
+                autocast=self._autocast,
+                compile=self.compile,
             )
         return Perturbation(adv=result.adv, eps=eps)

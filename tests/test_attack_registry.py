@@ -1,0 +1,127 @@
+"""Tests generated from the attack registry: registering an attack puts it under these checks.
+
+Every registered attack runs on CPU, keeps the [0, 1] box (and its ball when budgeted), returns a consistent
+result, leaves the model as found, is deterministic under a seed, handles a batch of one and per-sample ε.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TinyCNN
+
+from advtrain.attacks import AttackKind, create_attack, list_attacks
+from advtrain.threat import geometry_for
+
+# Small budgets so the whole registry runs in seconds; an attack missing here runs with its defaults.
+FAST: dict[str, dict] = {
+    "pgd": {"steps": 3},
+    "bim": {"steps": 3},
+    "apgd": {"steps": 5},
+    "anpgd": {"steps": 3, "bisection_steps": 4},
+    "deepfool": {"steps": 5},
+    "cw_l2": {"steps": 5, "binary_search_steps": 2},
+    "ddn": {"steps": 5},
+    "tr": {"steps": 5},
+    "strattack": {"steps": 5, "binary_search_steps": 1},
+}
+BUDGET = {"linf": 0.1, "l2": 0.5}
+
+
+def _norm_of(name: str) -> str:
+    return list_attacks()[name].norms[0]
+
+
+def _make(name: str, **extra):
+    spec = list_attacks()[name]
+    kwargs = dict(FAST.get(name, {}))
+    if spec.kind is AttackKind.BUDGETED:
+        kwargs["eps"] = BUDGET.get(spec.norms[0], 0.1)
+    if spec.stochastic:
+        kwargs["seed"] = 0
+    kwargs.update(extra)
+    return create_attack(name, **kwargs)
+
+
+def _data(n=6):
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+ATTACKS = sorted(list_attacks())
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_result_contract(name, model):
+    x, y = _data()
+    result = _make(name)(model, x, y)
+    assert result.adv.shape == x.shape and result.adv.dtype == x.dtype
+    assert result.adv.min() >= 0 and result.adv.max() <= 1
+    assert result.success.dtype == torch.bool and result.success.shape == (x.shape[0],)
+    assert result.norms.shape == (x.shape[0],)
+    spec = list_attacks()[name]
+    geo_norm = spec.norms[0] if spec.norms[0] in BUDGET else None
+    if geo_norm is not None:
+        torch.testing.assert_close(result.norms, geometry_for(geo_norm).measure(result.adv - x), atol=1e-5, rtol=1e-4)
+    if spec.kind is AttackKind.BUDGETED:
+        assert (result.norms <= BUDGET[spec.norms[0]] + 1e-5).all()
+    else:
+        # Minimal-norm attacks return unfooled samples unchanged.
+        assert torch.equal(result.adv[~result.success], x[~result.success])
+    # Claimed successes hold on a fresh forward pass.
+    with torch.no_grad():
+        fooled = model(result.adv).argmax(1) != y
+    assert fooled[result.success].all()
+    assert result.forward_passes > 0
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_model_left_as_found(name, model):
+    model.train()
+    model.bn.eval()
+    model.fc.bias.requires_grad_(False)
+    model.conv.weight.grad = torch.ones_like(model.conv.weight)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _data()
+    _make(name)(model, x, y)
+    assert model.training and model.drop.training and not model.bn.training
+    assert not model.fc.bias.requires_grad and model.fc.weight.requires_grad
+    assert torch.equal(model.conv.weight.grad, torch.ones_like(model.conv.weight)) and model.fc.weight.grad is None
+    for k, v in model.state_dict().items():  # eval-mode attack: BatchNorm statistics untouched
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_deterministic_under_seed(name, model):
+    x, y = _data()
+    a = _make(name)(model, x, y)
+    b = _make(name)(model, x, y)
+    assert torch.equal(a.adv, b.adv) and torch.equal(a.success, b.success)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_batch_of_one(name, model):
+    x, y = _data(1)
+    result = _make(name)(model, x, y)
+    assert result.adv.shape == (1, 1, 8, 8) and result.success.shape == (1,)
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS if list_attacks()[n].kind is AttackKind.BUDGETED])
+def test_per_sample_eps(name, model):
+    x, y = _data()
+    norm = _norm_of(name)
+    eps = torch.linspace(0.0, BUDGET[norm], x.shape[0])
+    result = _make(name)(model, x, y, eps=eps)
+    assert (geometry_for(norm).measure(result.adv - x) <= eps + 1e-5).all()
+    torch.testing.assert_close(result.adv[0], x[0])
+
+
+def test_registry_specs_are_complete():
+    for name, spec in list_attacks().items():
+        assert spec.name == name and spec.norms and isinstance(spec.kind, AttackKind)
