@@ -203,3 +203,24 @@ def test_empty_split_stops_with_a_message(in_tmp, caplog):
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2 and "val_size" in caplog.text
+
+
+_RECIPE_DATA = {"CIFAR10DataModule": "cifar10", "MNISTDataModule": "mnist", "MNIST5kDataModule": None}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_runs_fast_dev_run(recipe, in_tmp, monkeypatch):
+    """One training and one validation batch of every recipe, on small files in torchvision's on-disk formats."""
+    from fake_datasets import accept_fake_checksums, write_fake_cifar10, write_fake_mnist
+
+    text = recipe.read_text()
+    kind = next((v for k, v in _RECIPE_DATA.items() if k in text), "missing")
+    assert kind != "missing", f"{recipe.name}: add its datamodule to _RECIPE_DATA"
+    args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true", "--data.init_args.batch_size", "4"]
+    if kind is not None:
+        fake = {"cifar10": write_fake_cifar10, "mnist": write_fake_mnist}[kind](in_tmp / "data", n_train=40, n_test=8)
+        accept_fake_checksums(monkeypatch, fake)
+        args += ["--data.init_args.root", str(in_tmp / "data"), "--data.init_args.download", "false",
+                 "--data.init_args.num_workers", "0", "--data.init_args.val_size", "8"]  # fmt: skip
+    cli = main(args)
+    assert "val/clean_acc" in cli.trainer.callback_metrics

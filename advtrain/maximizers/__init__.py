@@ -1,6 +1,20 @@
 """Inner maximizers for adversarial training, selectable from YAML (``model.maximizer``)."""
 
 from advtrain.maximizers.base import InnerMaximizer, Perturbation, Standard
+from advtrain.maximizers.bilateral import Bilateral, adversarial_labels, smoothed_labels
+from advtrain.maximizers.fast import FastFGSM
 from advtrain.maximizers.pgd import PGD
+from advtrain.maximizers.trades import TRADES, kl_to_clean
 
-__all__ = ["PGD", "InnerMaximizer", "Perturbation", "Standard"]
+__all__ = [
+    "PGD",
+    "TRADES",
+    "Bilateral",
+    "FastFGSM",
+    "InnerMaximizer",
+    "Perturbation",
+    "Standard",
+    "adversarial_labels",
+    "kl_to_clean",
+    "smoothed_labels",
+]

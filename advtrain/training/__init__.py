@@ -1,6 +1,21 @@
 """Training: the LightningModule, outer objectives, learning-rate schedules and checkpoint loading."""
 
 from advtrain.training.module import AdversarialTraining
-from advtrain.training.objectives import AdversarialCE, MixedCE, Objective, ObjectiveOutput
+from advtrain.training.objectives import (
+    AdversarialCE,
+    MixedCE,
+    Objective,
+    ObjectiveOutput,
+    SoftLabelCE,
+    TRADESLoss,
+)
 
-__all__ = ["AdversarialCE", "AdversarialTraining", "MixedCE", "Objective", "ObjectiveOutput"]
+__all__ = [
+    "AdversarialCE",
+    "AdversarialTraining",
+    "MixedCE",
+    "Objective",
+    "ObjectiveOutput",
+    "SoftLabelCE",
+    "TRADESLoss",
+]

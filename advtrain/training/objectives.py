@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advtrain.maximizers.base import Perturbation
+from advtrain.maximizers.trades import kl_to_clean
 
 
 @dataclass
@@ -73,3 +74,41 @@ class MixedCE(Objective):
             adv_logits, labels
         )
         return ObjectiveOutput(loss, adv_logits, adversarial=True)
+
+
+class SoftLabelCE(Objective):
+    """Cross-entropy against the maximizer's soft labels on the perturbed inputs only (bilateral adversarial
+    training); hard labels when the maximizer gives none."""
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        train_inputs = inputs if pert.adv is None else pert.adv
+        logits = model(train_inputs)
+        if pert.soft_labels is None:
+            loss = F.cross_entropy(logits, labels)
+        else:
+            loss = -(pert.soft_labels * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        return ObjectiveOutput(loss, logits, adversarial=pert.adv is not None)
+
+
+class TRADESLoss(Objective):
+    """CE(f(x), y) + β · KL(f(x) ‖ f(x')) averaged over the batch (Zhang et al. 2019; β = 6 in the paper's CIFAR
+    setting, 1/λ in its notation). Both forwards run in train mode; the KL gradient flows through both terms, as in
+    the reference code.
+
+    Args:
+        beta: weight of the robustness (KL) term.
+    """
+
+    def __init__(self, *, beta: float = 6.0) -> None:
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}.")
+        self.beta = float(beta)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        clean_logits = model(inputs)
+        natural = F.cross_entropy(clean_logits, labels)
+        if pert.adv is None:
+            return ObjectiveOutput(natural, clean_logits, adversarial=False)
+        adv_logits = model(pert.adv)
+        robust = kl_to_clean(F.softmax(clean_logits.float(), dim=1), adv_logits).mean()
+        return ObjectiveOutput(natural + self.beta * robust, adv_logits, adversarial=True)

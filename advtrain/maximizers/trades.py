@@ -1,0 +1,78 @@
+"""The TRADES maximizer (Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
+ICML 2019): PGD on the KL divergence between clean and perturbed predictions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advtrain.engine.checks import check_inputs
+from advtrain.engine.loop import ascent_step
+from advtrain.engine.modes import AttackMode, attack_context
+from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.threat.geometry import geometry_for
+from advtrain.threat.norms import as_eps_tensor
+
+
+def kl_to_clean(clean_probs: Tensor, adv_logits: Tensor) -> Tensor:
+    """Per-sample KL(p_clean ‖ softmax(adv_logits)), the TRADES robustness term."""
+    log_q = F.log_softmax(adv_logits.float(), dim=1)
+    return (clean_probs * (torch.log(clean_probs.clamp_min(1e-12)) - log_q)).sum(dim=1)
+
+
+class TRADES(InnerMaximizer):
+    """x' = x + 0.001·N(0, I), then ``steps`` steps of ``step_size``·sign ∇_x' KL(f(x) ‖ f(x')), each projected onto
+    the ε-ball and the [0, 1] box (the reference code's procedure). The clean distribution f(x) is computed once,
+    without gradient. The attack runs in eval mode, as the reference code does; pair with
+    :class:`~advtrain.training.objectives.TRADESLoss`.
+
+    Reference numbers (CIFAR-10, WRN-34-10, ε = 8/255, 10 steps of 2/255, β = 6): 84.92% clean, 53.08% AutoAttack
+    (RobustBench Zhang2019Theoretically).
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: budget.
+        steps: ascent steps.
+        step_size: α.
+        init_std: std of the Gaussian start.
+        attack_mode: ``"eval"`` (reference) or ``"train"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        norm: Literal["linf", "l2"] = "linf",
+        eps: float = 8 / 255,
+        steps: int = 10,
+        step_size: float = 2 / 255,
+        init_std: float = 0.001,
+        attack_mode: Literal["eval", "train"] = "eval",
+    ) -> None:
+        if steps < 1 or eps < 0 or step_size <= 0 or init_std < 0:
+            raise ValueError("TRADES needs steps >= 1, eps >= 0, step_size > 0 and init_std >= 0.")
+        self._geometry = geometry_for(norm)
+        self.norm = self._geometry.norm.value
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.step_size = float(step_size)
+        self.init_std = float(init_std)
+        self.attack_mode = AttackMode.parse(attack_mode).value
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
+        check_inputs(inputs)
+        x = inputs.detach()
+        eps = as_eps_tensor(self.eps, x)
+        alpha = torch.full_like(eps, self.step_size)
+        with attack_context(model, self.attack_mode):
+            with torch.no_grad():
+                clean_probs = F.softmax(model(x).float(), dim=1)
+            delta = self._geometry.project_ball_box(x, self.init_std * torch.randn_like(x), eps)
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss = kl_to_clean(clean_probs, model(x + delta)).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = ascent_step(self._geometry, x, delta.detach(), grad, alpha, eps)
+        return Perturbation(adv=(x + delta).clamp(0.0, 1.0), eps=eps)
