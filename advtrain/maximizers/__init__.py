@@ -5,10 +5,12 @@ from advtrain.maximizers.bilateral import Bilateral, adversarial_labels, smoothe
 from advtrain.maximizers.fast import FastFGSM
 from advtrain.maximizers.pgd import PGD
 from advtrain.maximizers.trades import TRADES, kl_to_clean
+from advtrain.maximizers.yopo import YOPO
 
 __all__ = [
     "PGD",
     "TRADES",
+    "YOPO",
     "Bilateral",
     "FastFGSM",
     "InnerMaximizer",

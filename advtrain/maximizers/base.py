@@ -33,7 +33,12 @@ class InnerMaximizer(ABC):
 
     ``model`` is the bare classifier (not the LightningModule). The maximizer must leave the model's modes and
     parameter flags as it found them (use :func:`advtrain.engine.attack_context`).
+
+    A maximizer that computes the weight gradients itself (YOPO) sets ``manual_optimization = True`` and implements
+    ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation.
     """
+
+    manual_optimization: bool = False
 
     @abstractmethod
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:

@@ -19,7 +19,7 @@ from advtrain.engine.checks import check_inputs, check_labels
 from advtrain.engine.modes import attack_context
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
-from advtrain.training.objectives import AdversarialCE, Objective
+from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
 from advtrain.training.schedules import total_steps_context
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class AdversarialTraining(pl.LightningModule):
         self.model = _build_model(arch, arch_kwargs or {}, num_classes, image_shape, mean, std)
         self.num_classes = num_classes
         self.maximizer = maximizer if maximizer is not None else Standard()
+        # Maximizers that build the weight gradients themselves (YOPO) need manual optimisation.
+        self.automatic_optimization = not self.maximizer.manual_optimization
         self.objective = objective if objective is not None else AdversarialCE()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -109,8 +111,11 @@ class AdversarialTraining(pl.LightningModule):
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y, index = _unpack(batch)
         self._check(x, y)
-        pert = self.maximizer(self.model, x, y, index)
-        out = self.objective(self.model, x, y, pert)
+        if self.automatic_optimization:
+            pert = self.maximizer(self.model, x, y, index)
+            out = self.objective(self.model, x, y, pert)
+        else:
+            out = self._manual_step(x, y)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"The training loss is {float(out.loss.detach())} at epoch {self.current_epoch}, batch {batch_idx}. "
@@ -129,6 +134,24 @@ class AdversarialTraining(pl.LightningModule):
             self.log("train/clean_loss", self.train_clean_loss, on_step=False, on_epoch=True)
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
         return out.loss
+
+    def _manual_step(self, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO)."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
+        if torch.isfinite(step.loss):  # a non-finite loss is reported by the caller, and the weights stay untouched
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
+                scheduler.step()
+        return ObjectiveOutput(step.loss, step.logits, adversarial=True)
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and getattr(scheduler, "interval", "epoch") == "epoch":
+                scheduler.step()
 
     def _evaluate(self, batch: Sequence[Tensor], clean_acc, robust_acc, stage: str) -> None:
         x, y, _ = _unpack(batch)

@@ -1,0 +1,129 @@
+"""YOPO-m-n, "You Only Propagate Once" (Zhang et al., NeurIPS 2019; seed 003 and METHODS.md §4).
+
+YOPO is a whole training step rather than a perturbation: it reuses each full backward pass m times, running n cheap
+inner updates of the perturbation through the first layer only, and builds the weight gradients itself. The
+LightningModule therefore switches to manual optimisation when it is given this maximizer
+(``manual_optimization = True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advtrain.engine.checks import check_inputs
+from advtrain.engine.loop import ascent_step
+from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.threat.geometry import geometry_for
+from advtrain.threat.norms import as_eps_tensor
+
+
+@dataclass
+class ManualStepOutput:
+    """What a manual training step reports: the mean loss over its rounds and the last round's logits."""
+
+    loss: Tensor
+    logits: Tensor
+
+
+class YOPO(InnerMaximizer):
+    """YOPO-m-n adversarial training.
+
+    Per batch: η ~ U(−ε, ε); for j = 1..m: a full forward/backward at x + η in train mode accumulates the gradients
+    of every layer after the first (g) and gives the costate p = ∂L/∂f0(x + η); then n inner steps on the
+    Hamiltonian ⟨f0(x + η), p⟩ move η (η ← Π(η + σ·sign ∇_η), inside the ε-ball and the [0, 1] box) through the
+    first layer only; then the first layer's weight gradient of ⟨f0(x + η_new), p⟩ is accumulated. After m rounds
+    the module takes one optimizer step. Gradients are summed over the m rounds, so recipes pre-divide the learning
+    rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m).
+
+    Decision (METHODS.md §4): the official PreActResNet config also accumulates the first layer's gradient from the
+    full backward passes, counting it twice; here the full backward passes reach only g, and the first layer gets
+    exactly the m Hamiltonian terms (the WRN/MNIST configs' behaviour). The model must be an
+    :class:`advtrain.models.Classifier` (``layer_one``/``rest`` split). The module's ``objective`` is not used: YOPO's
+    loss is the cross-entropy on its perturbed inputs.
+
+    Args:
+        norm: ``"linf"`` (the paper) or ``"l2"``.
+        eps: budget (CIFAR 8/255; MNIST 0.3).
+        m: full forward/backward rounds per batch (5).
+        n: inner first-layer steps per round (CIFAR 3; MNIST 10).
+        sigma: inner step size σ (CIFAR 2/255; MNIST 0.01).
+    """
+
+    manual_optimization = True
+
+    def __init__(
+        self,
+        *,
+        norm: Literal["linf", "l2"] = "linf",
+        eps: float = 8 / 255,
+        m: int = 5,
+        n: int = 3,
+        sigma: float = 2 / 255,
+    ) -> None:
+        if m < 1 or n < 0 or sigma <= 0 or eps < 0:
+            raise ValueError(f"YOPO needs m >= 1, n >= 0, sigma > 0, eps >= 0; got m={m}, n={n}, sigma={sigma}.")
+        self._geometry = geometry_for(norm)
+        self.norm = self._geometry.norm.value
+        self.eps = float(eps)
+        self.m = int(m)
+        self.n = int(n)
+        self.sigma = float(sigma)
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
+        raise RuntimeError("YOPO computes its own gradients: use it through AdversarialTraining (manual optimisation).")
+
+    def training_step(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, backward: Callable[[Tensor], None]
+    ) -> ManualStepOutput:
+        """Accumulates YOPO's gradients into ``.grad`` (the caller zeroes them before and steps after).
+
+        Args:
+            model: an :class:`advtrain.models.Classifier` in train mode.
+            inputs: clean batch in [0, 1].
+            labels: true labels.
+            backward: the backward function to use (Lightning's ``manual_backward``, or ``Tensor.backward``).
+
+        Returns:
+            The mean loss over the m rounds and the logits of the last round.
+        """
+        if not (hasattr(model, "layer_one") and hasattr(model, "rest")):
+            raise TypeError("YOPO needs a model split into layer_one/rest (an advtrain.models.Classifier).")
+        check_inputs(inputs)
+        x = inputs.detach()
+        eps = as_eps_tensor(self.eps, x)
+        sigma = torch.full_like(eps, self.sigma)
+        eta = self._geometry.project_ball_box(x, self._geometry.sample(x, eps), eps)
+        first_params = list(model.first.parameters())
+        flags = [p.requires_grad for p in first_params]
+        losses, logits = [], None
+        for _ in range(self.m):
+            # Full pass: layer one frozen and its output a leaf, so the backward reaches g only and yields p.
+            for p in first_params:
+                p.requires_grad_(False)
+            try:
+                with torch.no_grad():
+                    h0 = model.layer_one(x + eta)
+                h = h0.detach().requires_grad_(True)
+                logits = model.rest(h)
+                loss = F.cross_entropy(logits, labels)
+                backward(loss)
+            finally:
+                for p, flag in zip(first_params, flags, strict=True):
+                    p.requires_grad_(flag)
+            costate = h.grad.detach()
+            losses.append(loss.detach())
+            # Inner steps on the Hamiltonian through layer one only; no parameter gradients here.
+            for _ in range(self.n):
+                eta.requires_grad_(True)
+                hamiltonian = (model.layer_one(x + eta) * costate).sum()
+                (grad,) = torch.autograd.grad(hamiltonian, eta)
+                eta = ascent_step(self._geometry, x, eta.detach(), grad, sigma, eps)
+            # Layer one's weight gradient of the Hamiltonian at the updated perturbation.
+            backward((model.layer_one(x + eta) * costate).sum())
+        return ManualStepOutput(loss=torch.stack(losses).mean(), logits=logits.detach())
