@@ -1,10 +1,14 @@
 """The attack zoo. ``create_attack(name, **hyperparameters)`` builds one; ``list_attacks()`` lists them."""
 
+from advtrain.attacks.anpgd import ANPGD
+from advtrain.attacks.apgd import APGD
 from advtrain.attacks.base import Attack
 from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
 
 __all__ = [
+    "ANPGD",
+    "APGD",
     "BIM",
     "FGM",
     "FGSM",

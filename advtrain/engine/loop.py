@@ -40,12 +40,15 @@ def compiled_ascent_step(geometry: Geometry):
     return _COMPILED[key]
 
 
-def _require_grad_mode() -> None:
+def require_grad_mode() -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "Gradient attacks cannot run under torch.inference_mode(). With Lightning, construct the Trainer "
             "with inference_mode=False (advtrain's base config does) or call the attack outside inference mode."
         )
+
+
+_require_grad_mode = require_grad_mode  # old private name, still imported by modules in progress
 
 
 def gradient_ascent(
@@ -97,7 +100,7 @@ def gradient_ascent(
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
     """
-    _require_grad_mode()
+    require_grad_mode()
     check_inputs(inputs)
     x = inputs.detach()
     y = labels.detach()

@@ -1,0 +1,332 @@
+"""Auto-PGD (APGD-CE, APGD-DLR and a targeted variant): PGD with momentum and a checkpointed step-size schedule.
+
+Reference:
+    Croce & Hein, *Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+    attacks*, ICML 2020 (Algorithm 1, Sec. 3.1-3.2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from advtrain.attacks.base import Attack
+from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
+from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.loop import require_grad_mode
+from advtrain.engine.losses import cross_entropy, dlr_loss, is_fooled
+from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import PassCounter, logits_of
+from advtrain.errors import InvalidInputError
+from advtrain.threat.geometry import geometry_for
+from advtrain.threat.norms import as_eps_tensor, view_as_batch
+
+_PAPER = (
+    "Croce & Hein, Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free "
+    "attacks, ICML 2020"
+)
+
+
+def targeted_dlr_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Targeted DLR loss of Croce & Hein (2020): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12).
+
+    Ascending it raises the target logit over the label's. Needs at least 4 classes.
+    """
+    logits = logits.float()
+    top = logits.topk(4, dim=1).values
+    gap = logits.gather(1, labels[:, None]).squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)
+    return -gap / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def halving_condition(
+    raises: Tensor, window: int, rho: float, reduced_last: Tensor, best_loss: Tensor, best_loss_last: Tensor
+) -> Tensor:
+    """Which samples halve their step size at a checkpoint (Croce & Hein 2020, Sec. 3.2).
+
+    Args:
+        raises: per sample, how many of the ``window`` steps since the last checkpoint raised the loss.
+        window: w_j − w_{j−1}.
+        rho: ρ.
+        reduced_last: whether the sample halved at the last checkpoint.
+        best_loss: f_max now.
+        best_loss_last: f_max at the last checkpoint.
+
+    Returns:
+        Condition 1 (fewer than ρ·window raising steps) or condition 2 (no halving last time and f_max unchanged).
+    """
+    return (raises < rho * window) | (~reduced_last & (best_loss <= best_loss_last))
+
+
+def _checkpoint_fractions() -> list[float]:
+    """p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), while p_j ≤ 1 (Sec. 3.2)."""
+    fractions = [0.0, 0.22]
+    while True:
+        nxt = fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06)
+        if round(nxt, 9) > 1.0:
+            return fractions
+        fractions.append(nxt)
+
+
+@register_attack(AttackSpec("apgd", AttackKind.BUDGETED, ("linf", "l2"), targeted=True, stochastic=True, paper=_PAPER))
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1): APGD-CE with ``loss="ce"``, APGD-DLR with ``loss="dlr"``.
+
+    From a random start x⁽⁰⁾ in the ball, each iteration takes a projected step along the geometry's steepest
+    ascent direction (sign ∇ for L∞, ∇/‖∇‖₂ for L2) and mixes it with the previous move:
+
+        z⁽ᵏ⁺¹⁾ = P(x⁽ᵏ⁾ + η⁽ᵏ⁾ u(∇f(x⁽ᵏ⁾))),
+        x⁽ᵏ⁺¹⁾ = P(x⁽ᵏ⁾ + α (z⁽ᵏ⁺¹⁾ − x⁽ᵏ⁾) + (1 − α)(x⁽ᵏ⁾ − x⁽ᵏ⁻¹⁾)),
+
+    with α = 1 on the first step, P the projection onto ball ∩ [0, 1] of the core's geometry, and η⁽⁰⁾ = 2ε. At
+    the checkpoints w_j = ⌈p_j N⌉ (:meth:`checkpoints`) each sample halves its step size and restarts from its
+    best point so far when (1) fewer than ρ·(w_j − w_{j−1}) of the steps since the last checkpoint raised the
+    loss, or (2) its step size was not halved at the last checkpoint and its best loss has not improved since.
+    Every quantity is per sample (ε may be a (B,) tensor).
+
+    The returned point per sample is the first point that fooled the model or, failing that, the largest-loss
+    point seen over all restarts. Restarts re-attack, from fresh random starts, only the samples still standing.
+
+    Deviations from the paper and from AutoAttack's code (``autopgd_base.py``), and why:
+
+    * Early stopping: a sample leaves the batch as soon as it is fooled, so it stops costing passes. AutoAttack
+      steps the whole batch to the end, but a sample's outcome is fixed at its first fooling iterate (it is
+      counted as non-robust from then on) and every APGD quantity is per sample, so this changes neither robust
+      accuracy nor the trajectory of any other sample; it only changes the cost, and which fooling point is
+      returned (the first one instead of the last).
+    * Checkpoints follow the paper's formula; AutoAttack's code uses the integer approximation
+      (0.22N, then shrinking by 0.03N down to 0.06N). For N = 100 both give 22, 41, 57, 70, 80, 87, 93, 99.
+    * Condition 1 uses the paper's strict "fewer than ρ·(w_j − w_{j−1})"; AutoAttack's code halves at equality
+      too (≤), which only differs when ρ·(w_j − w_{j−1}) is an integer (for N = 100: the 16-step window).
+    * Condition 2 is checked at the first checkpoint too (against f(x⁽⁰⁾)), as the paper states; AutoAttack's
+      code starts with "reduced at the last checkpoint" set, which disables it there.
+    * After a restart from the best point, the next "did the step raise the loss" comparison is made against the
+      loss of that best point (the iterate actually stepped from); AutoAttack compares with the loss recorded
+      before the restart.
+    * Random start: the core's :meth:`Geometry.sample` (uniform in the L∞ cube; random direction times U(0,1)·ε
+      for L2), where AutoAttack starts on the sphere of its norm. Both are valid random inits; the step size 2ε
+      makes the first step leave the start behind in either case.
+    * Targeted (``targeted=True``, ``labels`` are targets): ``loss="ce"`` descends the cross-entropy to the
+      target; ``loss="dlr"`` ascends the paper's targeted DLR loss (:func:`targeted_dlr_loss`), whose true
+      class y is taken as the model's clean prediction (one extra forward pass), since the attack contract
+      passes targets only. For correctly classified inputs this is the true class. AutoAttack's APGD-T loop
+      over the top-9 target classes is left to the caller (one call per target).
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
+        steps: iterations N (gradient evaluations per restart).
+        restarts: random restarts; later ones attack only the samples not yet fooled.
+        loss: ``"ce"`` (APGD-CE) or ``"dlr"`` (APGD-DLR; needs ≥ 3 classes, ≥ 4 when targeted).
+        rho: ρ, the fraction of loss-raising steps below which the step size is halved.
+        alpha: momentum weight α of the new step (1 − α goes to the previous move).
+        targeted: ``labels`` are targets to reach.
+        mode, seed: see :class:`Attack`.
+
+    Example:
+        >>> attack = APGD(norm="linf", eps=8 / 255, loss="dlr")  # doctest: +SKIP
+        >>> robust = ~attack(model, images, labels).success  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        norm: Literal["linf", "l2"] = "linf",
+        eps: float = 8 / 255,
+        steps: int = 100,
+        restarts: int = 1,
+        loss: Literal["ce", "dlr"] = "ce",
+        rho: float = 0.75,
+        alpha: float = 0.75,
+        targeted: bool = False,
+        mode: Literal["eval", "train"] = "eval",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(mode=mode, seed=seed)
+        if steps < 1 or restarts < 1:
+            raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if not 0.0 <= rho <= 1.0 or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"rho must lie in [0, 1] and alpha in (0, 1], got rho={rho}, alpha={alpha}.")
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"Unknown loss {loss!r} for APGD; allowed values are 'ce', 'dlr'.")
+        self.geometry = geometry_for(norm)
+        self.norm = self.geometry.norm.value
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.restarts = int(restarts)
+        self.loss = loss
+        self.rho = float(rho)
+        self.alpha = float(alpha)
+        self.targeted = bool(targeted)
+
+    @staticmethod
+    def checkpoints(steps: int) -> list[int]:
+        """The checkpoints w_j = ⌈p_j·steps⌉ of the paper (Sec. 3.2), duplicates removed, starting at w_0 = 0.
+
+        For 100 steps: ``[0, 22, 41, 57, 70, 80, 87, 93, 99]``.
+        """
+        # Rounding before the ceiling keeps float noise (0.41 * 100 = 41.000000000000007) from adding a step.
+        points = [math.ceil(round(p * steps, 6)) for p in _checkpoint_fractions()]
+        return sorted(set(points))
+
+    def _check_classes(self, num_classes: int) -> None:
+        need = 4 if self.targeted else 3
+        if self.loss == "dlr" and num_classes < need:
+            raise InvalidInputError(
+                f"APGD-DLR{' (targeted)' if self.targeted else ''} needs at least {need} classes (its denominator "
+                f"uses the {'3rd' if need == 3 else '4th'} largest logit), but the model has {num_classes}. Use "
+                "loss='ce' instead."
+            )
+
+    def _loss(self, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """The per-sample loss to ascend for the active samples in ``state``."""
+        if self.loss == "ce":
+            ce = cross_entropy(logits, state["y"])
+            return -ce if self.targeted else ce
+        if self.targeted:
+            return targeted_dlr_loss(logits, state["clean"], state["y"])
+        return dlr_loss(logits, state["y"])
+
+    def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
+        require_grad_mode()
+        check_inputs(inputs)
+        x = inputs.detach()
+        y = labels.detach()
+        eps_t = as_eps_tensor(self.eps if eps is None else eps, inputs)
+        counter = PassCounter()
+        batch = x.shape[0]
+
+        clean_pred = None
+        if self.targeted and self.loss == "dlr":
+            with torch.no_grad():
+                clean_logits = logits_of(model, x, counter)
+            check_labels(y, clean_logits.shape[1], batch)
+            self._check_classes(clean_logits.shape[1])
+            clean_pred = clean_logits.argmax(dim=1)
+
+        best_delta = torch.zeros_like(x, dtype=torch.float32)
+        best_loss = torch.full((batch,), float("-inf"), device=x.device)
+        success = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            idx = (~success).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            self._single_run(model, x, y, clean_pred, eps_t, idx, best_delta, best_loss, success, counter, generator)
+
+        adv = (x + best_delta.to(x.dtype)).clamp_(0.0, 1.0)
+        return AttackResult(
+            adv=adv.detach(),
+            success=success,
+            norms=self.geometry.measure((adv - x).float()),
+            forward_passes=counter.forward_passes,
+            backward_passes=counter.backward_passes,
+            model_calls=counter.model_calls,
+        )
+
+    def _single_run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        clean_pred: Tensor | None,
+        eps: Tensor,
+        idx: Tensor,
+        best_delta: Tensor,
+        best_loss: Tensor,
+        success: Tensor,
+        counter: PassCounter,
+        generator: torch.Generator | None,
+    ) -> None:
+        """One APGD run on the samples ``idx``; writes fooled points and best-loss points into the outputs."""
+        geometry, steps = self.geometry, self.steps
+        checkpoints = [w for w in self.checkpoints(steps)[1:] if w < steps]
+        previous_checkpoint = 0
+
+        # Per-sample state of the active samples; compacted together whenever samples get fooled.
+        s: dict[str, Tensor] = {"idx": idx, "x": x[idx], "y": y[idx], "eps": eps[idx]}
+        if clean_pred is not None:
+            s["clean"] = clean_pred[idx]
+        s["delta"] = geometry.project_ball_box(s["x"], geometry.sample(s["x"], s["eps"], generator), s["eps"])
+        s["prev"] = s["delta"]
+        s["eta"] = 2.0 * s["eps"]
+        n = idx.numel()
+        s["run_best_loss"] = torch.full((n,), float("-inf"), device=x.device)
+        s["run_best_delta"] = s["delta"].clone()
+        s["run_best_grad"] = torch.zeros_like(s["delta"])
+        s["raises"] = torch.zeros(n, device=x.device)
+        s["reduced"] = torch.zeros(n, dtype=torch.bool, device=x.device)
+        labels_checked = False
+
+        for k in range(steps + 1):
+            last = k == steps  # the final iterate is only scored: no gradient, no step
+            delta = s["delta"].detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = logits_of(model, (s["x"] + delta).to(x.dtype), counter)
+                if not labels_checked:
+                    check_labels(y, logits.shape[1], x.shape[0])
+                    self._check_classes(logits.shape[1])
+                    labels_checked = True
+                loss = self._loss(logits, s)
+            if not last:
+                s["grad"] = torch.autograd.grad(loss.sum(), delta)[0]
+                counter.backward(delta.shape[0])
+            s["delta"] = delta.detach()
+            s["loss_now"] = loss.detach()
+            fooled = is_fooled(logits.detach(), s["y"], self.targeted)
+
+            # Fooled samples leave with their first fooling point; the one host sync of the iteration.
+            if bool(fooled.any()):
+                done = s["idx"][fooled]
+                best_delta[done] = s["delta"][fooled]
+                best_loss[done] = s["loss_now"][fooled]
+                success[done] = True
+                s = {name: value[~fooled] for name, value in s.items()}
+                if s["idx"].numel() == 0:
+                    return
+
+            # Best point of this run: the restart target of the step-size schedule.
+            loss = s.pop("loss_now")
+            improved = view_as_batch(loss > s["run_best_loss"], s["delta"])
+            s["run_best_delta"] = torch.where(improved, s["delta"], s["run_best_delta"])
+            if not last:
+                s["run_best_grad"] = torch.where(improved, s["grad"], s["run_best_grad"])
+            if k == 0:
+                s["checkpoint_best"] = loss
+            else:
+                s["raises"] = s["raises"] + (loss > s["loss"]).float()
+            s["run_best_loss"] = torch.maximum(loss, s["run_best_loss"])
+            s["loss"] = loss
+            if last:
+                break
+
+            if k in checkpoints:
+                halve = halving_condition(
+                    s["raises"], k - previous_checkpoint, self.rho, s["reduced"], s["run_best_loss"],
+                    s["checkpoint_best"],
+                )  # fmt: skip
+                s["eta"] = torch.where(halve, 0.5 * s["eta"], s["eta"])
+                back = view_as_batch(halve, s["delta"])
+                s["delta"] = torch.where(back, s["run_best_delta"], s["delta"])
+                s["grad"] = torch.where(back, s["run_best_grad"], s["grad"])
+                s["loss"] = torch.where(halve, s["run_best_loss"], s["loss"])
+                s["reduced"] = halve
+                s["checkpoint_best"] = s["run_best_loss"]
+                s["raises"] = torch.zeros_like(s["raises"])
+                previous_checkpoint = k
+
+            a = 1.0 if k == 0 else self.alpha
+            eta = view_as_batch(s["eta"], s["delta"])
+            z = geometry.project_ball_box(s["x"], s["delta"] + eta * geometry.ascent_direction(s["grad"]), s["eps"])
+            moved = s["delta"] + a * (z - s["delta"]) + (1.0 - a) * (s["delta"] - s["prev"])
+            s["prev"] = s["delta"]
+            s["delta"] = geometry.project_ball_box(s["x"], moved, s["eps"])
+
+        # Samples still standing: keep this run's best-loss point if it beats earlier restarts.
+        better = s["run_best_loss"] > best_loss[s["idx"]]
+        upd = s["idx"][better]
+        best_delta[upd] = s["run_best_delta"][better]
+        best_loss[upd] = s["run_best_loss"][better]
