@@ -8,7 +8,7 @@ method allows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -21,11 +21,13 @@ class Perturbation:
         adv: the perturbed training inputs in [0, 1], or ``None`` to train on the clean inputs.
         soft_labels: optional (B, K) target distributions (label-side methods).
         eps: optional (B,) per-sample budgets the maximizer used.
+        extra: method-specific per-sample tensors for the matching objective (e.g. MMA's masks).
     """
 
     adv: Tensor | None
     soft_labels: Tensor | None = None
     eps: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 class InnerMaximizer(ABC):

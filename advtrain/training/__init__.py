@@ -4,6 +4,7 @@ from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import (
     AdversarialCE,
     MixedCE,
+    MMALoss,
     Objective,
     ObjectiveOutput,
     SoftLabelCE,
@@ -14,6 +15,7 @@ __all__ = [
     "AdversarialCE",
     "AdversarialTraining",
     "MixedCE",
+    "MMALoss",
     "Objective",
     "ObjectiveOutput",
     "SoftLabelCE",

@@ -112,3 +112,22 @@ class TRADESLoss(Objective):
         adv_logits = model(pert.adv)
         robust = kl_to_clean(F.softmax(clean_logits.float(), dim=1), adv_logits).mean()
         return ObjectiveOutput(natural + self.beta * robust, adv_logits, adversarial=True)
+
+
+class MMALoss(Objective):
+    """MMA's loss mix (seed 003 Alg. 2; METHODS.md §5): 1/3·CE on every clean example plus 2/3·[CE(x + δ*) over the
+    correct examples with ε* < d_max and CE(x) over the misclassified ones], summed and divided by the batch size.
+    Misclassified examples thus weigh 1 on their clean loss, correct ones 1/3 clean + 2/3 adversarial, and correct
+    ones already beyond d_max only 1/3 clean. Needs :class:`~advtrain.maximizers.MMA`'s masks."""
+
+    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        clean_logits = model(inputs)
+        clean_ce = F.cross_entropy(clean_logits, labels, reduction="none")
+        if pert.adv is None or "use_adv" not in pert.extra:
+            return ObjectiveOutput(clean_ce.mean(), clean_logits, adversarial=False)
+        use_adv, correct = pert.extra["use_adv"], pert.extra["correct"]
+        margin_term = clean_ce[~correct].sum()
+        if bool(use_adv.any()):
+            margin_term = margin_term + F.cross_entropy(model(pert.adv[use_adv]), labels[use_adv], reduction="sum")
+        loss = clean_ce.mean() / 3 + 2 / 3 * margin_term / inputs.shape[0]
+        return ObjectiveOutput(loss, clean_logits, adversarial=False)

@@ -46,21 +46,35 @@ class MultiStep(LambdaLR):
     Args:
         optimizer: the optimizer.
         milestones: increasing fractions in (0, 1), e.g. ``[0.5, 0.75]`` (Madry CIFAR: ÷10 at 50% and 75%).
-        gamma: factor at each milestone.
+        gamma: factor at each milestone, or one factor per milestone (MMA: 0.3 → 0.09 → 0.03 → 0.009 is
+            ``[0.3, 0.3333, 0.3]``).
         total_steps: optional explicit step count (normally read from the Trainer).
     """
 
     interval = "step"
 
     def __init__(
-        self, optimizer: Optimizer, *, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1,
-        total_steps: int | None = None,
+        self, optimizer: Optimizer, *, milestones: Sequence[float] = (0.5, 0.75),
+        gamma: float | Sequence[float] = 0.1, total_steps: int | None = None,
     ) -> None:  # fmt: skip
         if any(not 0 < m < 1 for m in milestones) or list(milestones) != sorted(milestones):
             raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}.")
+        gammas = [float(gamma)] * len(milestones) if isinstance(gamma, int | float) else [float(g) for g in gamma]
+        if len(gammas) != len(milestones):
+            raise ValueError(
+                f"gamma needs one factor per milestone: {len(milestones)} milestones, {len(gammas)} factors."
+            )
         total = _total_steps(total_steps)
         steps = [round(m * total) for m in milestones]
-        super().__init__(optimizer, lambda step: gamma ** sum(step >= s for s in steps))
+
+        def factor(step: int) -> float:
+            out = 1.0
+            for at, g in zip(steps, gammas, strict=True):
+                if step >= at:
+                    out *= g
+            return out
+
+        super().__init__(optimizer, factor)
 
 
 class Cosine(LambdaLR):
