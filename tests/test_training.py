@@ -92,3 +92,20 @@ def test_module_builds_registered_models_with_dataset_facts():
     assert module.model.mean.flatten().tolist() == [0.5, 0.5, 0.5]
     with pytest.raises(TypeError, match="nope"):
         AdversarialTraining(arch="small_cnn", arch_kwargs={"nope": 1})
+
+
+def test_epoch_timer_logs_training_time_without_validation(tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from advtrain.callbacks import EpochTimer
+
+    module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8})
+    data = TensorDataset(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.arange(8))
+    timer = EpochTimer()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer], default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    assert len(timer.epoch_seconds) == 2 and all(s > 0 for s in timer.epoch_seconds)
+    assert "time/train_epoch_s" in trainer.callback_metrics
+    assert timer.state_dict() == {"epoch_seconds": timer.epoch_seconds}

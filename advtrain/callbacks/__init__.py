@@ -1,0 +1,5 @@
+"""Lightning callbacks of advtrain."""
+
+from advtrain.callbacks.timing import EpochTimer
+
+__all__ = ["EpochTimer"]
