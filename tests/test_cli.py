@@ -224,3 +224,14 @@ def test_every_recipe_runs_fast_dev_run(recipe, in_tmp, monkeypatch):
                  "--data.init_args.num_workers", "0", "--data.init_args.val_size", "8"]  # fmt: skip
     cli = main(args)
     assert "val/clean_acc" in cli.trainer.callback_metrics
+
+
+MNIST_FRAGMENTS = sorted((ROOT / "configs" / "maximizer").glob("*_mnist.yaml")) + [
+    ROOT / "configs" / "maximizer" / "standard.yaml"
+]
+
+
+@pytest.mark.parametrize("fragment", MNIST_FRAGMENTS, ids=lambda p: p.stem)
+def test_maximizer_fragments_compose_onto_the_quickstart(fragment, in_tmp):
+    cli = main(["fit", "--config", QUICKSTART, "--config", str(fragment), "--trainer.fast_dev_run", "true"])
+    assert "val/robust_acc" in cli.trainer.callback_metrics
