@@ -3,6 +3,8 @@
 from advtrain.attacks.anpgd import ANPGD
 from advtrain.attacks.apgd import APGD
 from advtrain.attacks.base import Attack
+from advtrain.attacks.cw import CarliniWagnerL2
+from advtrain.attacks.deepfool import DeepFool
 from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
 
@@ -14,6 +16,8 @@ __all__ = [
     "FGSM",
     "PGD",
     "Attack",
+    "CarliniWagnerL2",
+    "DeepFool",
     "AttackKind",
     "AttackSpec",
     "create_attack",
