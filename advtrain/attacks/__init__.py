@@ -4,9 +4,11 @@ from advtrain.attacks.anpgd import ANPGD
 from advtrain.attacks.apgd import APGD
 from advtrain.attacks.base import Attack
 from advtrain.attacks.cw import CarliniWagnerL2
+from advtrain.attacks.ddn import DDN
 from advtrain.attacks.deepfool import DeepFool
 from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
+from advtrain.attacks.trust_region import TrustRegion
 
 __all__ = [
     "ANPGD",
@@ -15,8 +17,10 @@ __all__ = [
     "FGM",
     "FGSM",
     "PGD",
+    "TrustRegion",
     "Attack",
     "CarliniWagnerL2",
+    "DDN",
     "DeepFool",
     "AttackKind",
     "AttackSpec",

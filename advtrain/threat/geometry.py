@@ -23,6 +23,10 @@ class Geometry(ABC):
     norm: Norm
     p: float
     dual_p: float
+    #: Whether the norm comes from an inner product (second-order trust-region steps use a Krylov subspace then).
+    euclidean: bool
+    #: Radius range of the adaptive trust-region attack (Yao et al. 2019, Alg. 1).
+    trust_radius_bounds: tuple[float, float]
 
     def measure(self, delta: Tensor) -> Tensor:
         """Per-sample size ‖δ‖_p, shape (B,)."""
@@ -60,6 +64,8 @@ class LinfGeometry(Geometry):
     norm = Norm.LINF
     p = math.inf
     dual_p = 1.0
+    euclidean = False
+    trust_radius_bounds = (1e-4, 1e-2)
 
     def ascent_direction(self, grad: Tensor) -> Tensor:
         return grad.sign()
@@ -80,6 +86,8 @@ class L2Geometry(Geometry):
     norm = Norm.L2
     p = 2.0
     dual_p = 2.0
+    euclidean = True
+    trust_radius_bounds = (5e-4, 5e-2)
 
     def ascent_direction(self, grad: Tensor) -> Tensor:
         norms = view_as_batch(flat_norm(grad, 2.0), grad)
