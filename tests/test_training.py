@@ -109,3 +109,19 @@ def test_epoch_timer_logs_training_time_without_validation(tmp_path):
     assert len(timer.epoch_seconds) == 2 and all(s > 0 for s in timer.epoch_seconds)
     assert "time/train_epoch_s" in trainer.callback_metrics
     assert timer.state_dict() == {"epoch_seconds": timer.epoch_seconds}
+
+
+def test_init_weights_from_a_checkpoint_or_a_plain_state_dict(tmp_path):
+    from advtrain.training.checkpoint import CheckpointError
+
+    source = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8})
+    ckpt = tmp_path / "src.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": {}}, ckpt)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.model.state_dict().items()}}, plain)
+    x = torch.rand(2, 1, 28, 28)
+    for path in (ckpt, plain):
+        target = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, init_weights=str(path))
+        torch.testing.assert_close(target.eval()(x), source.eval()(x))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 8, "hidden": 8}, init_weights=str(ckpt))

@@ -54,6 +54,8 @@ class AdversarialTraining(pl.LightningModule):
         track_clean_train: also log clean accuracy/loss on the training batches (an extra no-grad forward in
             eval mode, which does not touch BatchNorm statistics).
         validate_batches: check every batch for images outside [0, 1] and labels out of range.
+        init_weights: start from the classifier weights of a checkpoint (an advtrain ``.ckpt`` or a plain state dict,
+            read without executing code) — e.g. DDN's CIFAR recipe fine-tunes a standard-trained model.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class AdversarialTraining(pl.LightningModule):
         val_attack: Attack | None = None,
         track_clean_train: bool = True,
         validate_batches: bool = True,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         # Through the CLI, Lightning records the components as their config (class_path + init_args), which
@@ -79,6 +82,8 @@ class AdversarialTraining(pl.LightningModule):
         from_config = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if from_config else list(_COMPONENT_ARGS))
         self.model = _build_model(arch, arch_kwargs or {}, num_classes, image_shape, mean, std)
+        if init_weights is not None:
+            _load_classifier_weights(self.model, init_weights)
         self.num_classes = num_classes
         self.maximizer = maximizer if maximizer is not None else Standard()
         # Maximizers that build the weight gradients themselves (YOPO) need manual optimisation.
@@ -212,3 +217,19 @@ def _build_model(arch, arch_kwargs, num_classes, image_shape, mean, std):
     kwargs = {k: v for k, v in linked.items() if accepted is None or k in accepted}
     kwargs.update(arch_kwargs)
     return create_model(arch, **kwargs)
+
+
+def _load_classifier_weights(model: torch.nn.Module, path: str) -> None:
+    """Loads classifier weights from an advtrain checkpoint (``model.*`` keys) or a plain state dict
+    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped)."""
+    from advtrain.training.checkpoint import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"init_weights={path}: the weights do not fit the configured model: {err}") from None
