@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.loop import require_grad_mode
 from advtrain.engine.losses import cross_entropy, is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
@@ -136,8 +137,7 @@ class DDN(Attack):
         self.targeted = bool(targeted)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("DDN needs autograd: call it outside torch.inference_mode().")
+        require_grad_mode()
         check_inputs(inputs)
         x = inputs.detach()
         xf = x.float()

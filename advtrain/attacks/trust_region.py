@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.loop import require_grad_mode
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
@@ -414,8 +415,7 @@ class TrustRegion(Attack):
         self._subspace_dim = self.krylov_dim if self.geometry.euclidean else 1
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("The TR attack needs autograd: call it outside torch.inference_mode().")
+        require_grad_mode()
         check_inputs(inputs)
         x = inputs.detach()
         xf = x.float()
