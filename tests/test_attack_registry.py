@@ -125,3 +125,11 @@ def test_per_sample_eps(name, model):
 def test_registry_specs_are_complete():
     for name, spec in list_attacks().items():
         assert spec.name == name and spec.norms and isinstance(spec.kind, AttackKind)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_refuses_inference_mode_with_an_actionable_message(name, model):
+    x, y = _data()
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        with torch.inference_mode():
+            _make(name)(model, x, y)
