@@ -23,7 +23,7 @@ FAST: dict[str, dict] = {
     "cw_l2": {"steps": 5, "binary_search_steps": 2},
     "ddn": {"steps": 5},
     "tr": {"steps": 5},
-    "strattack": {"steps": 5, "binary_search_steps": 1},
+    "strattack": {"steps": 5, "binary_search_steps": 1, "refine_steps": 5, "refine_search_steps": 1},
 }
 BUDGET = {"linf": 0.1, "l2": 0.5}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -22,6 +22,8 @@ class AttackResult:
             counts n), so that early stopping shows up in the count.
         backward_passes: likewise for backward passes (input gradients).
         model_calls: number of batched model calls, forward and backward together.
+        extra: optional further per-sample (B,) measurements an attack reports beside ``norms``, keyed by name
+            (e.g. StrAttack's ``"l0"``, ``"l1"``, ``"l2"``, ``"linf"`` sizes of ``adv - inputs``); empty by default.
     """
 
     adv: Tensor
@@ -30,6 +32,7 @@ class AttackResult:
     forward_passes: int = 0
     backward_passes: int = 0
     model_calls: int = 0
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
