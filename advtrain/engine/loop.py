@@ -48,9 +48,6 @@ def require_grad_mode() -> None:
         )
 
 
-_require_grad_mode = require_grad_mode  # old private name, still imported by modules in progress
-
-
 def gradient_ascent(
     model: nn.Module,
     inputs: Tensor,
