@@ -44,6 +44,43 @@ def import_torchattacks():
     return torchattacks
 
 
+class CountingModel(torch.nn.Module):
+    """Wraps a model to count per-sample forward passes and, through a hook on the logits, per-sample backward
+    passes: the same counting for every library, so pass counts compare across peers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forwards = self.backwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        n = x.shape[0]
+        self.forwards += n
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._count_backward(n))
+        return out
+
+    def _count_backward(self, n: int) -> None:
+        self.backwards += n
+
+    def reset(self) -> None:
+        self.forwards = self.backwards = 0
+
+
+def correct_digits(model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` embedded MNIST test digits that ``model`` classifies correctly."""
+    from advtrain.models.reference import reference_batch
+
+    x, y = reference_batch(min(4 * n, 1000))
+    with torch.no_grad():
+        keep = model(x).argmax(1) == y
+    x, y = x[keep][:n].contiguous(), y[keep][:n].contiguous()
+    if x.shape[0] < n:
+        raise RuntimeError(f"only {x.shape[0]} correctly classified test digits, wanted {n}")
+    return x, y
+
+
 def reference_model(activation: str = "relu"):
     """The trained SmallCNN of :func:`advtrain.models.reference.train_reference_model`, cached under results/."""
     from advtrain.models.reference import train_reference_model

@@ -34,48 +34,20 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import import_adv_lib, median_norm_with_failures, reference_model, write_table
+from _common import (
+    CountingModel,
+    correct_digits,
+    import_adv_lib,
+    median_norm_with_failures,
+    reference_model,
+    write_table,
+)
 from torch import nn
 
 from advtrain.attacks.ddn import DDN
 from advtrain.attacks.trust_region import TrustRegion
-from advtrain.models.reference import reference_batch
 
 P = {"l2": 2.0, "linf": math.inf}
-
-
-class CountingModel(nn.Module):
-    """Counts per-sample forward passes and, through a hook on the logits, per-sample backward passes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.forwards = self.backwards = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        n = x.shape[0]
-        self.forwards += n
-        if out.requires_grad:
-            out.register_hook(lambda grad: self._count_backward(n))
-        return out
-
-    def _count_backward(self, n: int) -> None:
-        self.backwards += n
-
-    def reset(self) -> None:
-        self.forwards = self.backwards = 0
-
-
-def correct_digits(model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` test digits the model classifies correctly."""
-    x, y = reference_batch(min(4 * n, 1000))
-    with torch.no_grad():
-        keep = model(x).argmax(1) == y
-    x, y = x[keep][:n].contiguous(), y[keep][:n].contiguous()
-    if x.shape[0] < n:
-        raise RuntimeError(f"only {x.shape[0]} correctly classified test digits, wanted {n}")
-    return x, y
 
 
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, norm: str) -> dict:

@@ -28,8 +28,14 @@ import time
 from typing import Any
 
 import torch
-from _common import import_adv_lib, import_torchattacks, median_norm_with_failures, reference_model, write_table
-from torch import nn
+from _common import (
+    CountingModel,
+    import_adv_lib,
+    import_torchattacks,
+    median_norm_with_failures,
+    reference_model,
+    write_table,
+)
 
 from advtrain.attacks.cw import CarliniWagnerL2
 from advtrain.attacks.deepfool import DeepFool
@@ -56,30 +62,6 @@ COLUMNS = [
     "wall_ratio",
     "cpu_ratio",
 ]
-
-
-class CountingModel(nn.Module):
-    """Counts per-sample forward passes and backward passes through the logits (for the peers' pass counts)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.forward_passes = 0
-        self.backward_passes = 0
-
-    def reset(self) -> None:
-        self.forward_passes = self.backward_passes = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        rows = x.shape[0]
-        self.forward_passes += rows
-        if out.requires_grad:
-            out.register_hook(lambda grad: self._count_backward(rows))
-        return out
-
-    def _count_backward(self, rows: int) -> None:
-        self.backward_passes += rows
 
 
 def _run(fn, repeats: int) -> tuple[Any, float, float]:
@@ -138,7 +120,7 @@ def compare(
             if is_ours:
                 outputs[label] = (out.adv, (out.forward_passes, out.backward_passes))
             else:
-                outputs[label] = (out, (counting.forward_passes, counting.backward_passes))
+                outputs[label] = (out, (counting.forwards, counting.backwards))
     rows = {}
     for label in runs:
         adv, counts = outputs[label]

@@ -26,35 +26,10 @@ import argparse
 import math
 
 import torch
-from _common import import_adv_lib, median_norm_with_failures, reference_model, timed, write_table
-from torch import nn
+from _common import CountingModel, import_adv_lib, median_norm_with_failures, reference_model, timed, write_table
 
 from advtrain.attacks.strattack import StrAttack
 from advtrain.models.reference import reference_batch
-
-
-class CountingModel(nn.Module):
-    """Counts per-sample forward passes, and backward passes through the logits (one per sample per backward)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.forwards = 0
-        self.backwards = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        n = x.shape[0]
-        self.forwards += n
-        if out.requires_grad:
-            out.register_hook(lambda g: self._count_backward(n, g))
-        return out
-
-    def _count_backward(self, n: int, grad: torch.Tensor) -> None:
-        self.backwards += n
-
-    def reset(self) -> None:
-        self.forwards = self.backwards = 0
 
 
 def _sizes(adv: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
