@@ -8,8 +8,11 @@ line (``--model.maximizer.eps 0.1``). ``advtrain/defaults.yaml`` is applied firs
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -84,6 +87,21 @@ class AdvArgumentParser(LightningArgumentParser):
         return super().error(message + self._hint(message), ex)
 
     def _hint(self, message: str) -> str:
+        bad = re.search(r"Option '([^']+)' is not accepted", message)
+        cls_path = re.search(r"class_path '([\w.]+)'", message)
+        if bad and cls_path:
+            try:
+                module, name = cls_path.group(1).rsplit(".", 1)
+                cls = getattr(importlib.import_module(module), name)
+                accepted = [
+                    p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")
+                ]
+            except (ImportError, AttributeError, ValueError):
+                accepted = []
+            if accepted:
+                close = difflib.get_close_matches(bad.group(1), accepted, n=1)
+                guess = f" Did you mean {close[0]!r}?" if close else ""
+                return f"\n  {name} accepts: {', '.join(accepted)}.{guess}"
         for key, base in _COMPONENT_KEYS.items():
             if f'"{key}"' in message and ("import path" in message or "subclass" in message):
                 return f"\n  Known values for {key}: " + ", ".join(_subclass_names(base))

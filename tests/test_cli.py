@@ -109,6 +109,17 @@ def test_misspelled_key_suggests_the_right_one(in_tmp, capsys):
     assert "model.maximizer" in err
 
 
+def test_misspelled_init_arg_lists_the_accepted_ones(in_tmp, capsys):
+    err = _run_expecting_exit(["fit", "--config", QUICKSTART, "--model.maximizer.init_args.epz", "3"], capsys)
+    assert "PGD accepts: norm, eps, steps" in err and "Did you mean 'eps'" in err
+
+
+def test_missing_checkpoint_is_one_line(in_tmp, caplog):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--config", QUICKSTART, "--ckpt_path", str(in_tmp / "nothing.ckpt")])
+    assert exc.value.code == 2 and "No checkpoint at" in caplog.text
+
+
 def test_unknown_maximizer_lists_the_known_ones(in_tmp, capsys):
     err = _run_expecting_exit(["fit", "--config", QUICKSTART, "--model.maximizer", "PGDX"], capsys)
     assert "Known values for model.maximizer" in err and "advtrain.maximizers.PGD" in err and "Standard" in err

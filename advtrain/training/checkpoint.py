@@ -20,7 +20,11 @@ TRUSTED_PREFIXES = ("advtrain.", "torch.", "pytorch_lightning.", "lightning.", "
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: missing, truncated, corrupt, or asking to run untrusted code."""
+    """A checkpoint that cannot be used: truncated, corrupt, or asking to run untrusted code."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """No file at the checkpoint path."""
 
 
 def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
@@ -38,12 +42,13 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         The checkpoint dict.
 
     Raises:
-        FileNotFoundError: if there is no such file.
+        CheckpointNotFoundError (a FileNotFoundError): if there is no such file.
         CheckpointError: if the file is truncated/corrupt or would execute code.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path.resolve()}.")
+        raise CheckpointNotFoundError(f"No checkpoint at {path.resolve()}: check --ckpt_path (runs save theirs under "
+                                      "checkpoints/<run_name>/).")  # fmt: skip
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
