@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,3 +34,29 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def linear_problem(n: int = 200, dim: int = 100, classes: int = 10, seed: int = 0):
+    """A random linear classifier with inputs at 0.5 ± 0.1 and labels = its predictions, and per class j the exact
+    minimal perturbation to its half-space z_j ≥ z_y: (z_y − z_j) / ‖w_y − w_j‖_q, q = 2 for L2 and 1 for L∞ (the
+    dual norm); +inf for the label's own class. Their minimum over j is the exact minimal untargeted perturbation.
+    They lie in about [0.04, 0.34] (L2) and [0.005, 0.04] (L∞), so the box never binds.
+
+    Returns:
+        ``(model, x, y, {"l2": (n, C) float64, "linf": (n, C) float64})``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = LinearNet(dim, classes, seed=seed)
+    x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
+    z = x.double() @ w.T + b
+    margin = z.gather(1, y[:, None]) - z
+    diff = w[y][:, None, :] - w[None, :, :]
+    own = F.one_hot(y, classes).bool()
+    per_class = {
+        "l2": (margin / diff.norm(dim=2)).masked_fill(own, float("inf")),
+        "linf": (margin / diff.abs().sum(dim=2)).masked_fill(own, float("inf")),
+    }
+    return model, x, y, per_class

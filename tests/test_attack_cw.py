@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,20 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import import_adv_lib  # noqa: E402
 
 
-def linear_problem(n=100, dim=100, classes=10, seed=0):
-    """A random linear classifier, inputs at 0.5 ± 0.1, labels = its predictions, and the exact minimal L2
-    distance to each class's half-space z_j ≥ z_y, (z_y − z_j) / ‖w_y − w_j‖₂ (in about [0.04, 0.34]: the box never
-    binds). Their minimum over j is the exact minimal untargeted perturbation."""
-    gen = torch.Generator().manual_seed(seed)
-    model = LinearNet(dim, classes, seed=seed)
-    x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
-    z = x.double() @ w.T + b
-    margin = z.gather(1, y[:, None]) - z
-    dist = margin / (w[y][:, None, :] - w[None, :, :]).norm(dim=2)
-    return model, x, y, dist.masked_fill(F.one_hot(y, classes).bool(), float("inf"))
+def linear_problem(n=100, **kwargs):
+    """The shared linear problem (tests/helpers.py) with its exact per-class L2 distances."""
+    model, x, y, per_class = helpers.linear_problem(n=n, **kwargs)
+    return model, x, y, per_class["l2"]
 
 
 def test_linear_classifier_exact_minimal_norm():

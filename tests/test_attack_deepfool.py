@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import LinearNet, TinyCNN
 
 from advtrain.attacks.deepfool import DeepFool
@@ -17,23 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import import_adv_lib  # noqa: E402
 
 
-def linear_problem(n=200, dim=100, classes=10, seed=0):
-    """A random linear classifier, inputs at 0.5 ± 0.1 and labels = its predictions, with the exact minimal L2 and
-    L∞ perturbations: min_j (z_y − z_j) / ‖w_y − w_j‖_q (q = 2, 1). They lie in about [0.04, 0.34] (L2) and
-    [0.005, 0.04] (L∞), so x + δ stays well inside the box."""
-    gen = torch.Generator().manual_seed(seed)
-    model = LinearNet(dim, classes, seed=seed)
-    x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
-    z = x.double() @ w.T + b
-    margin = z.gather(1, y[:, None]) - z  # (n, C)
-    diff = w[y][:, None, :] - w[None, :, :]  # (n, C, d)
-    own = F.one_hot(y, classes).bool()
-    exact_l2 = (margin / diff.norm(dim=2)).masked_fill(own, float("inf"))
-    exact_linf = (margin / diff.abs().sum(dim=2)).masked_fill(own, float("inf"))
-    return model, x, y, exact_l2, exact_linf
+def linear_problem(n=200, **kwargs):
+    """The shared linear problem (tests/helpers.py) with its exact per-class L2 and L∞ distances."""
+    model, x, y, per_class = helpers.linear_problem(n=n, **kwargs)
+    return model, x, y, per_class["l2"], per_class["linf"]
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])

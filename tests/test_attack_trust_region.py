@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import TinyCNN, linear_problem
 from torch import nn
 
 from advtrain.attacks import create_attack, list_attacks
@@ -23,27 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import import_adv_lib  # noqa: E402
 
 P = {"l2": 2.0, "linf": float("inf")}
-
-
-def linear_problem(n=200, dim=100, classes=10, seed=0):
-    """A random 10-class linear classifier, inputs at 0.5 ± 0.1, labels = its predictions, and per class the exact
-    minimal L2 and L∞ perturbations (z_y − z_j)/‖w_y − w_j‖_q (q = 2, 1), about [0.04, 0.34] (L2) and
-    [0.005, 0.04] (L∞): far from the box's faces."""
-    gen = torch.Generator().manual_seed(seed)
-    model = LinearNet(dim, classes, seed=seed)
-    x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
-    z = x.double() @ w.T + b
-    margin = z.gather(1, y[:, None]) - z
-    diff = w[y][:, None, :] - w[None, :, :]
-    own = F.one_hot(y, classes).bool()
-    per_class = {
-        "l2": (margin / diff.norm(dim=2)).masked_fill(own, float("inf")).float(),
-        "linf": (margin / diff.abs().sum(dim=2)).masked_fill(own, float("inf")).float(),
-    }
-    return model, x, y, per_class
 
 
 def test_registered_as_minimal_untargeted_attack():
