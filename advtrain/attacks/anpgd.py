@@ -20,7 +20,7 @@ from advtrain.engine.losses import is_fooled, soft_logit_margin
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor, view_as_batch
+from advtrain.threat.norms import view_as_batch
 
 _PAPER = "Ding et al., MMA Training: Direct Input Space Margin Maximization through Adversarial Training, ICLR 2020"
 
@@ -106,7 +106,7 @@ class ANPGD(Attack):
         require_grad_mode()
         check_inputs(inputs)
         x, y = inputs.detach(), labels.detach()
-        eps_init = as_eps_tensor(self.eps if eps is None else eps, inputs)
+        eps_init = self.budget(eps, inputs)
         geometry = self.geometry
         counter = PassCounter()
         tracker = MinimalNormTracker(x)

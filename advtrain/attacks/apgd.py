@@ -22,7 +22,7 @@ from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.errors import InvalidInputError
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor, view_as_batch
+from advtrain.threat.norms import view_as_batch
 
 _PAPER = (
     "Croce & Hein, Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free "
@@ -196,7 +196,7 @@ class APGD(Attack):
         check_inputs(inputs)
         x = inputs.detach()
         y = labels.detach()
-        eps_t = as_eps_tensor(self.eps if eps is None else eps, inputs)
+        eps_t = self.budget(eps, inputs)
         counter = PassCounter()
         batch = x.shape[0]
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from advtrain.attacks.registry import AttackSpec
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.threat.norms import as_eps_tensor
 
 
 class Attack(ABC):
@@ -52,6 +53,12 @@ class Attack(ABC):
             generator.manual_seed(self.seed)
         with attack_context(model, self.mode):
             return self.run(model, inputs, labels, eps=eps, generator=generator)
+
+    def budget(self, eps: float | Tensor | None, inputs: Tensor) -> Tensor | None:
+        """The per-sample budget of a call: the per-call ``eps`` if given, else the configured ``self.eps`` (if the
+        attack has one), as a (B,) tensor; ``None`` for an unbudgeted minimal-norm attack."""
+        value = getattr(self, "eps", None) if eps is None else eps
+        return None if value is None else as_eps_tensor(value, inputs)
 
     @abstractmethod
     def run(

@@ -21,7 +21,6 @@ from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 _PAPER = "Carlini and Wagner, Towards Evaluating the Robustness of Neural Networks, IEEE S&P 2017"
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8  # Adam's defaults, as in the reference code
@@ -128,8 +127,7 @@ class CarliniWagnerL2(Attack):
         x = inputs.detach()
         y = labels.detach()
         batch, device = x.shape[0], x.device
-        budget = self.eps if eps is None else eps
-        budget_t = None if budget is None else as_eps_tensor(budget, x)
+        budget_t = self.budget(eps, x)
         x32 = x.float()
         w0 = torch.atanh((2.0 * x32 - 1.0) * _TANH_SHRINK)
         # Untargeted: f = max(z_y − max_{j≠y} z_j + κ, 0) = max(−margin + κ, 0); targeted: max(margin + κ, 0).

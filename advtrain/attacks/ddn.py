@@ -21,7 +21,7 @@ from advtrain.engine.losses import cross_entropy, is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor, view_as_batch
+from advtrain.threat.norms import view_as_batch
 
 _PAPER = (
     "Rony et al., Decoupling Direction and Norm for Efficient Gradient-Based L2 Adversarial Attacks and Defenses, "
@@ -143,8 +143,7 @@ class DDN(Attack):
         xf = x.float()
         y = labels.detach()
         batch = x.shape[0]
-        budget = self.eps if eps is None else eps
-        eps_t = None if budget is None else as_eps_tensor(budget, inputs)
+        eps_t = self.budget(eps, inputs)
 
         counter = PassCounter()
         tracker = MinimalNormTracker(x)

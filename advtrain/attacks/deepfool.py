@@ -20,7 +20,7 @@ from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor, clip_to_box, view_as_batch
+from advtrain.threat.norms import clip_to_box, view_as_batch
 
 _PAPER = "Moosavi-Dezfooli et al., DeepFool: a Simple and Accurate Method to Fool Deep Neural Networks, CVPR 2016"
 _TINY = 1e-12
@@ -112,8 +112,7 @@ class DeepFool(Attack):
         x = inputs.detach()
         y = labels.detach()
         batch = x.shape[0]
-        budget = self.eps if eps is None else eps
-        budget_t = None if budget is None else as_eps_tensor(budget, x)
+        budget_t = self.budget(eps, x)
         geometry = self.geometry
         scale = 1.0 + self.overshoot
 

@@ -20,7 +20,6 @@ from advtrain.engine.losses import get_loss
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import autocast_dtype
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 _PAPER_PGD = "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018"
 
@@ -96,7 +95,7 @@ class PGD(Attack):
         return torch.full_like(eps, float(self.step_size))
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        eps_t = as_eps_tensor(self.eps if eps is None else eps, inputs)
+        eps_t = self.budget(eps, inputs)
         return gradient_ascent(
             model,
             inputs,

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.loop import require_grad_mode
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor, flat_norm, view_as_batch
+from advtrain.threat.norms import flat_norm, view_as_batch
 
 _PAPER = (
     "Xu et al., Structured Adversarial Attack: Towards General Implementation and Better Interpretability, ICLR 2019"
@@ -333,8 +334,7 @@ class StrAttack(Attack):
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("StrAttack cannot run under torch.inference_mode(); call it outside inference mode.")
+        require_grad_mode()
         check_inputs(inputs)
         if inputs.ndim != 4:
             raise ValueError(f"StrAttack needs image batches of shape (B, C, H, W), got {tuple(inputs.shape)}.")
@@ -343,11 +343,11 @@ class StrAttack(Attack):
         batch = x.shape[0]
         counter = PassCounter()
         tracker = MinimalNormTracker(x)
-        cap = self.eps if eps is None else eps
+        cap = self.budget(eps, x)
         lower = -x
         upper = 1.0 - x
         if cap is not None:
-            cap_t = view_as_batch(as_eps_tensor(cap, x), x).to(x.dtype)
+            cap_t = view_as_batch(cap, x).to(x.dtype)
             lower = torch.maximum(lower, -cap_t)
             upper = torch.minimum(upper, cap_t)
         groups = self.groups_for(tuple(x.shape[1:]), device=x.device)

@@ -22,7 +22,7 @@ from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.threat.geometry import Geometry, geometry_for
-from advtrain.threat.norms import as_eps_tensor, clip_to_box, flat_norm, view_as_batch
+from advtrain.threat.norms import clip_to_box, flat_norm, view_as_batch
 
 _PAPER = "Yao et al., Trust Region Based Adversarial Attack on Neural Networks, CVPR 2019"
 _TINY = 1e-12
@@ -421,8 +421,7 @@ class TrustRegion(Attack):
         xf = x.float()
         y = labels.detach()
         batch = x.shape[0]
-        budget = self.eps if eps is None else eps
-        eps_t = None if budget is None else as_eps_tensor(budget, inputs)
+        eps_t = self.budget(eps, inputs)
         geometry = self.geometry
         counter = PassCounter()
 
