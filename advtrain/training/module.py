@@ -163,10 +163,10 @@ class AdversarialTraining(pl.LightningModule):
         self._check(x, y)
         with torch.no_grad():
             logits = self.model(x)
-        self.val_loss(torch.nn.functional.cross_entropy(logits, y))
         clean_acc(logits, y)
         self.log(f"{stage}/clean_acc", clean_acc, prog_bar=True)
         if stage == "val":
+            self.val_loss(torch.nn.functional.cross_entropy(logits, y))
             self.log("val/loss", self.val_loss)
         if self.val_attack is not None:
             # Lightning runs fit-time validation under no_grad; attacks need input gradients.
