@@ -60,3 +60,17 @@ def linear_problem(n: int = 200, dim: int = 100, classes: int = 10, seed: int = 
         "linf": (margin / diff.abs().sum(dim=2)).masked_fill(own, float("inf")),
     }
     return model, x, y, per_class
+
+
+def never_fooled_binary(in_features: int = 64):
+    """A 2-class linear model whose true class (0) keeps a margin of 3 over the whole L∞ ball of radius 0.1 (and the
+    L2 ball of radius 0.5) around x = 0.5: never fooled there, the box never binds, and float32 CE gradients do not
+    saturate. Returns ``(model, x, y)`` with 5 samples."""
+    model = LinearNet(in_features, 2, seed=3)
+    x = torch.full((5, 1, 8, 8), 0.5)
+    w = model.fc.weight.detach()
+    diff = w[0] - w[1]
+    with torch.no_grad():
+        worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
+        model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
+    return model, x, torch.zeros(5, dtype=torch.long)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, never_fooled_binary
 from torch import nn
 
 from advtrain.attacks.apgd import APGD, halving_condition, targeted_dlr_loss
@@ -20,19 +20,6 @@ from advtrain.threat import geometry_for
 def _data(n=16, seed=0, shape=(1, 8, 8), classes=10):
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
-
-
-def _never_fooled_binary(in_features=64):
-    """2-class linear model whose true class 0 keeps a margin of 3 over the L∞ ball of radius 0.1 and the L2 ball of
-    radius 0.5 around x = 0.5 (the box never binds there)."""
-    model = LinearNet(in_features, 2, seed=3)
-    x = torch.full((5, 1, 8, 8), 0.5)
-    w = model.fc.weight.detach()
-    diff = w[0] - w[1]
-    with torch.no_grad():
-        worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
-        model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
-    return model, x, torch.zeros(5, dtype=torch.long)
 
 
 # --- the step-size schedule -----------------------------------------------------------------------------------------
@@ -157,7 +144,7 @@ def test_matches_naive_reference_loop(norm, eps):
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_linf_reaches_closed_form_maximum_of_linear_loss(loss):
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     if loss == "dlr":
         # DLR needs 3 classes: a third one parallel to class 0, 100 below it, keeps DLR's denominator z_0 − z_2
         # constant, so DLR = (z_1 − z_0)/100 and its maximum is the CE one.
@@ -177,7 +164,7 @@ def test_linf_reaches_closed_form_maximum_of_linear_loss(loss):
 
 
 def test_l2_reaches_closed_form_maximum_of_linear_loss():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     eps = 0.5
     result = APGD(norm="l2", eps=eps, steps=50, seed=0)(model, x, y)
     w = model.fc.weight.detach()
@@ -252,7 +239,7 @@ def test_targeted_reaches_targets(loss):
 
 
 def test_dlr_needs_enough_classes():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     with pytest.raises(ValueError, match="needs at least 3 classes.*loss='ce'"):
         APGD(eps=0.1, steps=2, loss="dlr")(model, x, y)
     three = LinearNet(64, 3)
@@ -284,7 +271,7 @@ def test_early_stopping_spends_passes_only_on_samples_still_standing():
 
 
 def test_restarts_keep_the_best_loss_per_sample():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     one = APGD(norm="l2", eps=0.5, steps=3, seed=0)(model, x, y)
     three = APGD(norm="l2", eps=0.5, steps=3, restarts=3, seed=0)(model, x, y)
     ce = lambda a: F.cross_entropy(model(a), y, reduction="none")  # noqa: E731

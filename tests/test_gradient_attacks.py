@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, never_fooled_binary
 
 from advtrain.attacks import BIM, FGM, FGSM, PGD, create_attack, list_attacks
 from advtrain.maximizers import PGD as PGDMaximizer
@@ -33,21 +33,8 @@ def test_pgd_stays_in_ball_and_box(norm, eps, per_sample):
         torch.testing.assert_close(result.adv[0], x[0])
 
 
-def _never_fooled_binary(in_features=64):
-    """A 2-class linear model whose true class (0) keeps a margin of 3 over the whole L∞ ball of radius 0.1 (and
-    the L2 ball of radius 0.5) around x = 0.5: small enough that float32 CE gradients do not saturate."""
-    model = LinearNet(in_features, 2, seed=3)
-    x = torch.full((5, 1, 8, 8), 0.5)
-    w = model.fc.weight.detach()
-    diff = w[0] - w[1]
-    with torch.no_grad():
-        worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
-        model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
-    return model, x, torch.zeros(5, dtype=torch.long)
-
-
 def test_pgd_linf_reaches_closed_form_maximum_of_linear_loss():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     eps = 0.1  # x = 0.5 keeps the box inactive
     result = PGD(norm="linf", eps=eps, steps=10, step_size=eps / 4, seed=0)(model, x, y)
     w = model.fc.weight.detach()
@@ -60,7 +47,7 @@ def test_pgd_linf_reaches_closed_form_maximum_of_linear_loss():
 
 
 def test_pgd_l2_reaches_closed_form_maximum_of_linear_loss():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     eps = 0.5
     result = PGD(norm="l2", eps=eps, steps=20, step_size=eps, seed=0)(model, x, y)
     w = model.fc.weight.detach()
@@ -100,7 +87,7 @@ def test_pgd_maximizer_matches_naive_reference_loop():
 
 
 def test_attack_keeps_best_point_and_matches_naive_when_nothing_is_fooled():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     gen_start = torch.Generator().manual_seed(5)
     start = (2 * torch.rand(x.shape, generator=gen_start) - 1) * 0.05
     result = PGD(norm="linf", eps=0.05, steps=3, step_size=0.01, seed=5)(model, x, y)
@@ -150,7 +137,7 @@ def test_maximizer_attack_mode_controls_batchnorm_statistics():
 
 
 def test_fgsm_and_fgm_closed_form():
-    model, x, y = _never_fooled_binary()
+    model, x, y = never_fooled_binary()
     w = model.fc.weight.detach()
     adv = FGSM(eps=0.1)(model, x, y).adv
     torch.testing.assert_close(adv - x, (0.1 * torch.sign(w[1] - w[0])).view(1, 1, 8, 8).expand_as(x))
