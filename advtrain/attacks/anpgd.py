@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import gradient_ascent, require_grad_mode
+from advtrain.engine.core import require_grad_mode
+from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import is_fooled, soft_logit_margin
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
@@ -68,7 +69,7 @@ class ANPGD(Attack):
         steps: PGD steps (the paper: 10 on CIFAR-10, 40 on MNIST).
         step_size: PGD step α; ``None`` uses 2.5·ε_init/``steps`` per sample.
         bisection_steps: bisection midpoints evaluated (each one forward pass per sample).
-        mode, seed: see :class:`Attack`.
+        autocast, compile, mode, seed: see :class:`Attack`.
 
     Example:
         >>> attack = ANPGD(norm="linf", eps=0.1, max_eps=0.45, steps=40)  # doctest: +SKIP
@@ -84,10 +85,12 @@ class ANPGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         bisection_steps: int = 10,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or bisection_steps < 0:
             raise ValueError(f"steps must be >= 1 and bisection_steps >= 0, got {steps}, {bisection_steps}.")
         if eps < 0 or max_eps <= 0 or (step_size is not None and step_size <= 0):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
+from advtrain.engine.core import require_grad_mode
 from advtrain.engine.losses import cross_entropy, dlr_loss, is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
@@ -123,7 +123,7 @@ class APGD(Attack):
         rho: ρ, the fraction of loss-raising steps below which the step size is halved.
         alpha: momentum weight α of the new step (1 − α goes to the previous move).
         targeted: ``labels`` are targets to reach.
-        mode, seed: see :class:`Attack`.
+        autocast, compile, mode, seed: see :class:`Attack`.
 
     Example:
         >>> attack = APGD(norm="linf", eps=8 / 255, loss="dlr")  # doctest: +SKIP
@@ -141,10 +141,12 @@ class APGD(Attack):
         rho: float = 0.75,
         alpha: float = 0.75,
         targeted: bool = False,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
         if eps < 0:

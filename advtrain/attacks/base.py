@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from advtrain.attacks.registry import AttackSpec
+from advtrain.engine.core import AttackCore
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import autocast_dtype
 from advtrain.threat.norms import as_eps_tensor
 
 
@@ -18,20 +20,37 @@ class Attack(ABC):
     """Base class of every attack.
 
     Subclasses take their hyperparameters as keyword-only constructor arguments (canonical names ``norm``,
-    ``eps``, ``steps``, ``step_size``, ``restarts``, ``targeted``) and implement :meth:`run`. Calling the attack
-    puts the model in the attack's mode with frozen parameters and restores it afterwards.
+    ``eps``, ``steps``, ``step_size``, ``restarts``, ``targeted``) and implement :meth:`run` on the shared attack
+    core (:meth:`core`). Calling the attack puts the model in the attack's mode with frozen parameters and restores
+    it afterwards.
 
     Args:
         mode: BatchNorm/dropout policy during the attack (``"eval"`` by default), see :class:`AttackMode`.
         seed: seeds the attack's own RNG (random starts) so that results are reproducible; ``None`` draws from
             torch's global RNG.
+        autocast: run the model under ``"bf16"`` or ``"fp16"`` autocast; the perturbation, the steps and the norms
+            stay in float32.
+        compile: use the ``torch.compile``-d (fused) elementwise step; the eager step is its tested twin.
     """
 
     spec: AttackSpec
+    targeted: bool = False
 
-    def __init__(self, *, mode: str = "eval", seed: int | None = None) -> None:
+    def __init__(
+        self, *, mode: str = "eval", seed: int | None = None, autocast: str | None = None, compile: bool = False
+    ) -> None:
         self.mode = AttackMode.parse(mode)
         self.seed = seed
+        self.autocast = autocast
+        self._autocast = autocast_dtype(autocast)
+        self.compile = bool(compile)
+
+    def core(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> AttackCore:
+        """The :class:`~advtrain.engine.core.AttackCore` of one call, with this attack's autocast and compile
+        options (it checks the inputs and the gradient mode)."""
+        return AttackCore(
+            model, inputs, labels, targeted=self.targeted, autocast=self._autocast, compile=self.compile
+        )
 
     def __call__(
         self, model: nn.Module, inputs: Tensor, labels: Tensor, eps: float | Tensor | None = None

@@ -15,17 +15,24 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
+from advtrain.engine.core import ActiveSet
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
+from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 
 _PAPER = "Carlini and Wagner, Towards Evaluating the Robustness of Neural Networks, IEEE S&P 2017"
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8  # Adam's defaults, as in the reference code
 _TANH_SHRINK = 1 - 1e-6  # keeps arctanh finite at pixels equal to 0 or 1 (reference code: 0.999999)
 _NO_UPPER = 1e10  # "no successful c yet" (reference code)
+
+
+def _adam_step(modifier: Tensor, grad: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam descent step on w, with ``scalars`` = (lr·√bc2/bc1, ε·√bc2) (bias corrections folded in);
+    returns the new modifier and moments. One fusible unit (see :meth:`AttackCore.step`)."""
+    m = m * _BETA1 + grad * (1 - _BETA1)
+    v = v * _BETA2 + grad * grad * (1 - _BETA2)
+    return modifier - scalars[0] * m / (v.sqrt() + scalars[1]), m, v
 
 
 @register_attack(AttackSpec("cw_l2", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
@@ -45,25 +52,21 @@ class CarliniWagnerL2(Attack):
     succeeds, then bisection between the largest failing and the smallest succeeding value. With 10 or more
     search steps the last one reruns at the smallest succeeding c, as in the reference code.
 
-    Early abort (``abort_early``): every ``max(1, steps // 10)`` iterations a sample's loss is compared with its
-    value at the previous check; if it has not decreased by at least 0.01% (loss > 0.9999 · previous), that
-    sample's search step ends. The reference code applies this test to the loss summed over the batch (and
-    adv-lib stops only when every sample has stalled); here it is per sample, so a sample's result does not depend
-    on the rest of its batch and stalled samples stop costing passes. At the paper's budgets (checks every 1000
-    iterations) this costs nothing in norm (reference SmallCNN, 9×1000: median L2 within 0.1% of adv-lib's for 10%
-    less time). At tiny budgets the test compares losses only a few iterations apart and fires on the rise that
-    follows a boundary crossing, when Adam's momentum carries w past the boundary for a few steps: a sample then
-    ends its search step with the large norm it had at the crossing (4×25: median L2 +17%, 1×100: +5%, for about half
-    and two thirds of the passes). Use ``abort_early=False`` at such budgets.
+    Early abort (``abort_early``, the reference rule): every ``max(1, steps // 10)`` iterations the loss summed over
+    the samples of the search step is compared with its value at the previous check; if it has not decreased by
+    at least 0.01% (loss > 0.9999 · previous), the search step ends for all of them. A per-sample version of this
+    test (tried in an earlier version) is weaker at small budgets: it compares losses only a few iterations apart
+    and fires on the rise that follows a boundary crossing, when Adam's momentum carries w past the boundary, so a
+    sample ends with the large norm it had at the crossing (4×25: median L2 +17% against adv-lib).
 
     Active set: samples are independent and Adam's moments are element-wise, with one step count (hence one bias
     correction) for every sample of a search step, so a sample leaving the batch (stalled, or done under a budget)
     simply has its rows dropped from w and from both moment tensors; the remaining samples follow exactly the
     trajectory they would follow in the full batch. Each iteration costs one forward and one backward pass of the
     samples still active; the iterate after the last Adam step of a search step is not evaluated (as in the
-    reference code).
+    reference code). With ``eps`` set, samples that succeed within the budget leave the batch at once.
 
-    Deviations from the paper and its reference code: the per-sample abort test above; the distance is measured to
+    Deviations from the paper and its reference code: the distance is measured to
     the clean input x itself rather than to tanh(arctanh((2x − 1)·0.999999)) (a difference below 1e-6 per pixel);
     Adam adds its ε to the bias-corrected √v (PyTorch's form) rather than TensorFlow's ε̂ form.
 
@@ -75,10 +78,10 @@ class CarliniWagnerL2(Attack):
         steps: Adam iterations per search step (so ``binary_search_steps=4, steps=25`` is the 4×25 budget of Rony
             et al. 2019 and ``binary_search_steps=1, steps=100`` the 1×100 one).
         initial_const: the first value of c.
-        abort_early: end a sample's search step when its loss stalls (see above).
+        abort_early: end a search step when its loss stalls (see above).
         eps: optional L2 budget; when set, success means a point with norm ≤ ε, and a sample stops (across search
             steps) as soon as one is found. A per-call ``eps`` (scalar or (B,)) overrides it.
-        mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
+        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
 
     Example:
         >>> # Rony et al.'s 4×25 budget, with the step size and c0 that suit it on MNIST:
@@ -99,10 +102,12 @@ class CarliniWagnerL2(Attack):
         initial_const: float = 1e-3,
         abort_early: bool = True,
         eps: float | None = None,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or binary_search_steps < 1:
             raise ValueError(f"steps and binary_search_steps must be >= 1, got {steps} and {binary_search_steps}.")
         if step_size <= 0 or initial_const <= 0:
@@ -122,88 +127,64 @@ class CarliniWagnerL2(Attack):
         self.eps = eps
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x = inputs.detach()
-        y = labels.detach()
-        batch, device = x.shape[0], x.device
-        budget_t = self.budget(eps, x)
-        x32 = x.float()
+        core = self.core(model, inputs, labels)
+        batch, device = core.batch, core.device
+        budget_t = self.budget(eps, inputs)
+        x32 = core.x32
         w0 = torch.atanh((2.0 * x32 - 1.0) * _TANH_SHRINK)
         # Untargeted: f = max(z_y − max_{j≠y} z_j + κ, 0) = max(−margin + κ, 0); targeted: max(margin + κ, 0).
         sign = 1.0 if self.targeted else -1.0
         kappa = self.confidence
         check_every = max(1, self.steps // 10)
+        adam = core.step(_adam_step)
 
         const = torch.full((batch,), self.initial_const, device=device)
         lower = torch.zeros(batch, device=device)
         upper = torch.full((batch,), _NO_UPPER, device=device)
-        tracker = MinimalNormTracker(x)
-        counter = PassCounter()
+        tracker = MinimalNormTracker(core.x)
         searching = torch.arange(batch, device=device)  # samples still in the search (all, unless budgeted)
-        labels_checked = False
+
+        def body(i: int, s: ActiveSet) -> Tensor | None:
+            def loss_of(logits: Tensor) -> Tensor:
+                return s["l2_sq"] + s["c"] * (sign * margin_loss(logits, s["y"]) + kappa).clamp_min(0.0)
+
+            def points(modifier: Tensor) -> Tensor:
+                adv = (torch.tanh(s["w"] + modifier) + 1.0) * 0.5
+                s["l2_sq"] = (adv - s["x"]).flatten(1).square().sum(1)  # (a norm's backward costs a masked fill)
+                s["adv"] = adv.detach()
+                return adv
+
+            logits, loss, grad, _ = core.value_and_grad(s["modifier"], points, loss_of)
+            l2 = s.pop("l2_sq").detach().sqrt()
+            decided = self._decided(logits, s["y"], sign, kappa)
+            # The search on c follows the decision alone (a success beyond the budget must lower c).
+            found[s.index] |= decided
+            success = decided if budget_t is None else decided & (l2 <= budget_t[s.index])
+            tracker.update(s.index, s.pop("adv"), l2, success)
+            # Adam's bias corrections fold into two scalars: m̂ / (√v̂ + ε) = √bc2 · m / (√v + ε√bc2).
+            root_bc2 = math.sqrt(1 - _BETA2 ** (i + 1))
+            scalars = torch.tensor([self.step_size * root_bc2 / (1 - _BETA1 ** (i + 1)), _ADAM_EPS * root_bc2])
+            s["modifier"], s["m"], s["v"] = adam(s["modifier"], grad, s["m"], s["v"], scalars.to(device))
+            if self.abort_early and i % check_every == 0:
+                total = loss.sum()
+                if bool(total > stall[0] * 0.9999):  # the reference rule, on the whole search step
+                    return torch.ones_like(decided)
+                stall[0] = total
+            return None if budget_t is None else tracker.success[s.index]
 
         for search_step in range(self.binary_search_steps):
             if self.binary_search_steps >= 10 and search_step == self.binary_search_steps - 1:
                 const = upper.clone()
             if searching.numel() == 0:
                 break
-            active = searching
             found = torch.zeros(batch, dtype=torch.bool, device=device)  # success during this search step
-            modifier = torch.zeros_like(x32[active])
-            exp_avg = torch.zeros_like(modifier)
-            exp_avg_sq = torch.zeros_like(modifier)
-            prev_loss = torch.full((active.numel(),), math.inf, device=device)  # loss at the last abort check
-            w_start, x_act, y_act, c_act = w0[active], x32[active], y[active], const[active]
-
-            for i in range(self.steps):
-                with torch.enable_grad():
-                    modifier.requires_grad_(True)
-                    adv = (torch.tanh(w_start + modifier) + 1.0) * 0.5
-                    l2_sq = (adv - x_act).flatten(1).square().sum(1)  # (a norm's backward costs a masked fill)
-                    logits = logits_of(model, adv.to(x.dtype), counter)
-                    if not labels_checked:
-                        check_labels(y, logits.shape[1], batch)
-                        labels_checked = True
-                    hinge = (sign * margin_loss(logits, y_act) + kappa).clamp_min(0.0)
-                    loss = l2_sq + c_act * hinge
-                    grad = torch.autograd.grad(loss.sum(), modifier)[0]
-                counter.backward(active.numel())
-
-                with torch.no_grad():
-                    l2 = l2_sq.sqrt()
-                    decided = self._decided(logits, y_act, sign, kappa)
-                    # The search on c follows the decision alone (a success beyond the budget must lower c).
-                    found[active] |= decided
-                    success = decided if budget_t is None else decided & (l2 <= budget_t[active])
-                    tracker.update(active, adv, l2, success)
-
-                    # Adam on w (element-wise moments; one shared step count per search step).
-                    exp_avg.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
-                    exp_avg_sq.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-                    # m̂ / (√v̂ + ε) = √bc2 · m / (√v + ε√bc2): the bias corrections fold into scalars.
-                    root_bc2 = math.sqrt(1 - _BETA2 ** (i + 1))
-                    denom = exp_avg_sq.sqrt().add_(_ADAM_EPS * root_bc2)
-                    step = self.step_size * root_bc2 / (1 - _BETA1 ** (i + 1))
-                    modifier = modifier.detach().addcdiv_(exp_avg, denom, value=-step)
-
-                    keep = None
-                    if self.abort_early and i % check_every == 0:
-                        loss = loss.detach()
-                        keep = loss <= prev_loss * 0.9999
-                        prev_loss = torch.where(keep, loss, prev_loss)
-                    if budget_t is not None:
-                        keep = ~tracker.success[active] if keep is None else keep & ~tracker.success[active]
-                    if keep is None:
-                        continue
-                    remaining = int(keep.sum())  # the one host sync of the iteration
-                    if remaining == 0:
-                        break
-                    if remaining < active.numel():
-                        state = (active, modifier, exp_avg, exp_avg_sq, prev_loss, w_start, x_act, y_act, c_act)
-                        active, modifier, exp_avg, exp_avg_sq, prev_loss, w_start, x_act, y_act, c_act = (
-                            t[keep] for t in state
-                        )
+            stall = [torch.tensor(math.inf, device=device)]  # summed loss at the last abort check
+            zeros = torch.zeros_like(x32[searching])
+            active = ActiveSet(
+                searching, w=w0[searching], x=x32[searching], y=core.y[searching], c=const[searching],
+                modifier=zeros, m=zeros.clone(), v=zeros.clone(),
+            )  # fmt: skip
+            core.loop(active, self.steps, body)
 
             # Binary search on c for the samples of this search step.
             idx = searching
@@ -216,7 +197,7 @@ class CarliniWagnerL2(Attack):
             if budget_t is not None:
                 searching = searching[~tracker.success[searching]]
 
-        return tracker.result(geometry_for("l2").measure, counter)
+        return core.result(tracker.best_adv, tracker.success.clone(), geometry_for("l2").measure)
 
     @staticmethod
     def _decided(logits: Tensor, labels: Tensor, sign: float, kappa: float) -> Tensor:

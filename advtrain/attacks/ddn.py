@@ -15,13 +15,12 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
-from advtrain.engine.losses import cross_entropy, is_fooled
+from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.losses import cross_entropy
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
+from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import view_as_batch
+from advtrain.threat.norms import flat_norm, view_as_batch
 
 _PAPER = (
     "Rony et al., Decoupling Direction and Norm for Efficient Gradient-Based L2 Adversarial Attacks and Defenses, "
@@ -33,6 +32,30 @@ _TINY = 1e-12
 def cosine_step_sizes(steps: int, initial: float, final: float) -> list[float]:
     """α_k = final + (initial − final)·(1 + cos(πk/steps))/2 for k = 0..steps−1 (cosine annealing, seed 001 §4)."""
     return [final + (initial - final) * (1.0 + math.cos(math.pi * k / steps)) / 2.0 for k in range(steps)]
+
+
+def _ddn_update(
+    x: Tensor,
+    delta: Tensor,
+    grad: Tensor,
+    fooled: Tensor,
+    radius: Tensor,
+    cap: Tensor,
+    alpha: Tensor,
+    gamma: Tensor,
+    levels: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """DDN's elementwise step (steps 2–4 of the class docstring): δ ← δ + α·g/‖g‖₂, the radius shrinks by (1 − γ)
+    where x + δ fooled and grows by (1 + γ) elsewhere (capped at ``cap``), δ is rescaled to the radius, x + δ is
+    clipped to the box and quantised to ``levels`` (0: none). One fusible unit (see :meth:`AttackCore.step`)."""
+    grad_norm = flat_norm(grad, 2.0).clamp_min(_TINY)
+    delta = delta + alpha * grad / view_as_batch(grad_norm, grad)
+    radius = torch.minimum(torch.where(fooled, radius * (1.0 - gamma), radius * (1.0 + gamma)), cap)
+    delta = delta * view_as_batch(radius / flat_norm(delta, 2.0).clamp_min(_TINY), delta)
+    point = (x + delta).clamp(0.0, 1.0)
+    quantised = torch.round(point * (levels - 1)) / (levels - 1).clamp_min(1.0)
+    point = torch.where(levels > 0, quantised, point)
+    return point - x, radius
 
 
 @register_attack(AttackSpec("ddn", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
@@ -89,7 +112,7 @@ class DDN(Attack):
             quantisation.
         eps: optional ε-ball variant, see above (a per-call ``eps``, scalar or (B,), overrides it).
         targeted: ``labels`` are targets to reach (the CE gradient is descended).
-        mode, seed: see :class:`~advtrain.attacks.base.Attack`.
+        autocast, compile, mode, seed: see :class:`~advtrain.attacks.base.Attack`.
 
     Example:
         >>> attack = DDN(steps=100)  # doctest: +SKIP
@@ -108,10 +131,12 @@ class DDN(Attack):
         levels: int | None = 256,
         eps: float | None = None,
         targeted: bool = False,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if not 0.0 < gamma < 1.0:
@@ -137,81 +162,48 @@ class DDN(Attack):
         self.targeted = bool(targeted)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x = inputs.detach()
-        xf = x.float()
-        y = labels.detach()
-        batch = x.shape[0]
+        core = self.core(model, inputs, labels)
+        xf = core.x32
         eps_t = self.budget(eps, inputs)
-
-        counter = PassCounter()
-        tracker = MinimalNormTracker(x)
-        everyone = torch.arange(batch, device=x.device)
+        tracker = MinimalNormTracker(core.x)
         sign = -1.0 if self.targeted else 1.0
-        gamma = self.gamma
+        measure = self.geometry.measure
+        update = core.step(_ddn_update)
+        levels = torch.tensor(float(self.levels or 0), device=core.device)
+        gamma = torch.tensor(self.gamma, device=core.device)
+        alphas = torch.tensor(cosine_step_sizes(self.steps, self.step_size, self.final_step_size), device=core.device)
         # The farthest any point of the box can be from x: the cap on the radius.
-        worst_norm = self.geometry.measure(torch.maximum(xf, 1.0 - xf))
-        radius = torch.full((batch,), self.init_norm, device=x.device)
-        delta = torch.zeros_like(xf)
+        worst_norm = measure(torch.maximum(xf, 1.0 - xf))
+        radius = torch.full((core.batch,), self.init_norm, device=core.device)
+        # No early stopping (see the class docstring): every sample stays active for all the steps.
+        everyone = core.everyone(x=xf, y=core.y, delta=torch.zeros_like(xf), radius=radius, cap=worst_norm)
 
-        for k, alpha in enumerate(cosine_step_sizes(self.steps, self.step_size, self.final_step_size)):
-            delta.requires_grad_(True)
-            adv = (xf + delta).to(x.dtype)
-            logits = logits_of(model, adv, counter)
-            if k == 0:
-                check_labels(y, logits.shape[1], batch)
-            loss = cross_entropy(logits, y)
-            grad = torch.autograd.grad(loss.sum() * sign, delta)[0]
-            counter.backward(batch)
-            delta = delta.detach()
-            fooled = is_fooled(logits.detach(), y, self.targeted)
-            tracker.update(everyone, adv.detach(), self.geometry.measure(delta), fooled)
-
-            grad_norm = self.geometry.measure(grad)
-            zero = grad_norm < _TINY
+        def body(k: int, s: ActiveSet) -> None:
+            logits, _, grad, _ = core.value_and_grad(
+                s["delta"], lambda d: s["x"] + d, lambda z: sign * cross_entropy(z, s["y"])
+            )
+            fooled = core.fooled(logits, s.index)
+            tracker.update(s.index, s["x"] + s["delta"], measure(s["delta"]), fooled)
+            zero = measure(grad) < _TINY
             if bool(zero.any()):  # the one host sync per iteration: a flat loss gets a random direction
                 noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
                 grad = torch.where(view_as_batch(zero, grad), noise, grad)
-                grad_norm = self.geometry.measure(grad)
-            delta = delta + alpha * grad / view_as_batch(grad_norm, grad)
+            s["delta"], s["radius"] = update(
+                s["x"], s["delta"], grad, fooled, s["radius"], s["cap"], alphas[k], gamma, levels
+            )
 
-            radius = torch.where(fooled, radius * (1.0 - gamma), radius * (1.0 + gamma))
-            radius = torch.minimum(radius, worst_norm)
-            delta = delta * view_as_batch(radius / self.geometry.measure(delta).clamp_min(_TINY), delta)
-            point = (xf + delta).clamp_(0.0, 1.0)
-            if self.levels is not None:
-                point = point.mul_(self.levels - 1).round_().div_(self.levels - 1)
-            delta = point - xf
-
+        core.loop(everyone, self.steps, body)
         if eps_t is None:
-            return tracker.result(self.geometry.measure, counter)
-        return self._project(model, x, y, tracker, eps_t, counter)
+            return core.result(tracker.best_adv, tracker.success.clone(), measure)
+        return self._project(core, tracker, eps_t)
 
-    def _project(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        tracker: MinimalNormTracker,
-        eps: Tensor,
-        counter: PassCounter,
-    ) -> AttackResult:
+    def _project(self, core: AttackCore, tracker: MinimalNormTracker, eps: Tensor) -> AttackResult:
         """The ε-ball variant: shrinks each best δ into its ball and re-checks the samples that moved."""
-        delta = (tracker.best_adv - x).float()
-        delta = self.geometry.project(delta, eps)
-        adv = (x.float() + delta).clamp_(0.0, 1.0).to(x.dtype)
+        x = core.x
+        delta = self.geometry.project((tracker.best_adv - x).float(), eps)
+        adv = (x.float() + delta).clamp_(0.0, 1.0)
         success = tracker.success.clone()
         moved = (success & (tracker.best_norm > eps)).nonzero().squeeze(1)
         if moved.numel() > 0:
-            with torch.no_grad():
-                logits = logits_of(model, adv[moved], counter)
-            success[moved] = is_fooled(logits, y[moved], self.targeted)
-        return AttackResult(
-            adv=adv,
-            success=success,
-            norms=self.geometry.measure((adv - x).float()),
-            forward_passes=counter.forward_passes,
-            backward_passes=counter.backward_passes,
-            model_calls=counter.model_calls,
-        )
+            success[moved] = core.fooled(core.forward(adv[moved]), moved)
+        return core.result(adv, success, self.geometry.measure)

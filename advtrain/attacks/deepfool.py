@@ -14,17 +14,33 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
-from advtrain.engine.losses import is_fooled
+from advtrain.engine.core import ActiveSet, AttackCore
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
-from advtrain.threat.geometry import geometry_for
+from advtrain.engine.tracking import MinimalNormTracker
+from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import clip_to_box, view_as_batch
 
 _PAPER = "Moosavi-Dezfooli et al., DeepFool: a Simple and Accurate Method to Fool Deep Neural Networks, CVPR 2016"
 _TINY = 1e-12
 _CROSSING = 1e-4  # added to every step length, as in the reference code (see the class docstring)
+
+
+def _closest_boundary_step(geometry: Geometry, f_prime: Tensor, w_prime: Tensor) -> Tensor:
+    """The step to the closest linearised boundary: l = argmin_k |f'_k| / ‖w'_k‖_q, r = (|f'_l| / ‖w'_l‖_q + 1e-4)
+    · u(w'_l), with u the geometry's unit steepest-ascent direction.
+
+    Args:
+        geometry: the norm's geometry.
+        f_prime: (n, K) logit differences z_k − z_y of the candidate classes.
+        w_prime: (n, K, *shape) their gradients.
+    """
+    n, count = f_prime.shape
+    dual = geometry.dual_measure(w_prime.flatten(0, 1)).view(n, count).clamp_min(_TINY)
+    distance = f_prime.abs() / dual
+    closest = distance.argmin(dim=1)
+    rows = torch.arange(n, device=f_prime.device)
+    w_l = w_prime[rows, closest]
+    return view_as_batch(distance[rows, closest] + _CROSSING, w_l) * geometry.ascent_direction(w_l)
 
 
 @register_attack(
@@ -71,7 +87,7 @@ class DeepFool(Attack):
         candidates: number of candidate classes (``None``: all other classes; k: the top-k by clean logit).
         eps: optional budget; when set, success means a misclassified point with norm ≤ ε (larger ones come back
             unchanged with ``success=False``). A per-call ``eps`` (scalar or (B,)) overrides it.
-        mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
+        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
 
     Example:
         >>> attack = DeepFool(norm="l2", steps=50)  # doctest: +SKIP
@@ -87,10 +103,12 @@ class DeepFool(Attack):
         overshoot: float = 0.02,
         candidates: int | None = None,
         eps: float | None = None,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if overshoot < 0:
@@ -107,85 +125,62 @@ class DeepFool(Attack):
         self.eps = eps
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x = inputs.detach()
-        y = labels.detach()
-        batch = x.shape[0]
-        budget_t = self.budget(eps, x)
+        core = self.core(model, inputs, labels)
+        budget_t = self.budget(eps, inputs)
         geometry = self.geometry
         scale = 1.0 + self.overshoot
+        tracker = MinimalNormTracker(core.x)
+        x0 = core.x32
+        active = core.everyone(x=x0.clone(), x0=x0, y=core.y)  # x: the current iterate
+        logits = self._forward(core, active["x"])
+        active["cand"] = self._candidate_classes(logits.detach(), core.y)
 
-        tracker = MinimalNormTracker(x)
-        counter = PassCounter()
-        active = torch.arange(batch, device=x.device)
-        x0 = x.float()
-        xa = x0.clone()  # current iterate of the active samples
-        cand = None
-
-        for step in range(self.steps + 1):
-            last = step == self.steps
-            logits = self._forward(model, xa, x.dtype, counter, grad=not last)
-            if cand is None:
-                check_labels(y, logits.shape[1], batch)
-                cand = self._candidate_classes(logits.detach(), y)
-            fooled = is_fooled(logits.detach(), y[active], targeted=False)
-            norms = geometry.measure(xa.detach() - x0[active])
-            within = fooled if budget_t is None else fooled & (norms <= budget_t[active])
-            tracker.update(active, xa.detach(), norms, within)
-            if last:
-                break
+        def body(step: int, s: ActiveSet) -> Tensor | None:
+            nonlocal logits
+            if logits is None:
+                logits = core.forward(s["x"]) if step == self.steps else self._forward(core, s["x"])
+            fooled = core.fooled(logits, s.index)
+            norms = geometry.measure(s["x"].detach() - s["x0"])
+            within = fooled if budget_t is None else fooled & (norms <= budget_t[s.index])
+            tracker.update(s.index, s["x"].detach(), norms, within)
+            if step == self.steps:  # the last iterate is only scored
+                return None
             keep = ~fooled
             remaining = int(keep.sum())  # the one host sync of the iteration
             if remaining == 0:
-                break
-            graph_input, rows_kept = xa, None
-            if remaining < active.numel():
-                active = active[keep]
-                k_count = cand.shape[1]
-                if (keep.numel() - remaining) * k_count > remaining:
+                return fooled
+            graph_input, rows_kept = s["x"], None
+            if remaining < len(s):
+                count = s["cand"].shape[1]
+                s.keep(keep)
+                if (keep.numel() - remaining) * count > remaining:
                     # Backpropagating k times through the rows just fooled costs more than one forward pass of
                     # the rows still standing: rebuild the graph on those rows only.
-                    xa = xa.detach()[keep]
-                    logits = self._forward(model, xa, x.dtype, counter, grad=True)
-                    graph_input = xa
+                    s["x"] = s["x"].detach()
+                    logits = self._forward(core, s["x"])
+                    graph_input = s["x"]
                 else:
                     logits, rows_kept = logits[keep], keep
 
             # Jacobian rows of f'_k = z_k − z_y for every candidate k, one backward per candidate on a shared graph.
-            ya, ca = y[active], cand[active]
-            f_prime = logits.gather(1, ca) - logits.gather(1, ya[:, None])
-            k_count = ca.shape[1]
-            w_prime = torch.stack(
-                [
-                    torch.autograd.grad(f_prime[:, k].sum(), graph_input, retain_graph=k + 1 < k_count)[0]
-                    for k in range(k_count)
-                ],
-                dim=1,
-            )
-            counter.backward(k_count * graph_input.shape[0])
+            f_prime = logits.gather(1, s["cand"]) - logits.gather(1, s["y"][:, None])
+            w_prime = core.jacobian(f_prime, graph_input)
             f_prime = f_prime.detach()
-            xa = xa.detach()
+            xa = s["x"].detach()
             if rows_kept is not None:
-                xa, w_prime = xa[rows_kept], w_prime[rows_kept]
+                w_prime = w_prime[rows_kept]
+            s["x"] = xa + clip_to_box(xa, scale * _closest_boundary_step(geometry, f_prime, w_prime))
+            logits = None
+            return None
 
-            n = active.numel()
-            dual = geometry.dual_measure(w_prime.flatten(0, 1)).view(n, k_count).clamp_min(_TINY)
-            distance = f_prime.abs() / dual
-            closest = distance.argmin(dim=1)
-            rows = torch.arange(n, device=x.device)
-            w_l = w_prime[rows, closest]
-            step_vec = view_as_batch(distance[rows, closest] + _CROSSING, xa) * geometry.ascent_direction(w_l)
-            # x_{i+1} = x_0 + (1 + overshoot) Σ r_j  ⇔  x_{i+1} = x_i + (1 + overshoot) r_i (then the box).
-            xa = xa + clip_to_box(xa, scale * step_vec)
-
-        return tracker.result(geometry.measure, counter)
+        core.loop(active, self.steps + 1, body)
+        return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
 
     @staticmethod
-    def _forward(model: nn.Module, xa: Tensor, dtype: torch.dtype, counter: PassCounter, *, grad: bool) -> Tensor:
-        """Logits of the iterates ``xa``, recording the graph when the Jacobian is needed next."""
-        with torch.enable_grad() if grad else torch.no_grad():
-            return logits_of(model, xa.requires_grad_(grad).to(dtype), counter)
+    def _forward(core: AttackCore, xa: Tensor) -> Tensor:
+        """Logits of the iterates ``xa``, recording the graph for the Jacobian."""
+        with torch.enable_grad():
+            return core.logits(xa.requires_grad_(True))
 
     def _candidate_classes(self, logits: Tensor, labels: Tensor) -> Tensor:
         """(B, k) indices of the candidate classes: the largest clean logits other than the label's."""

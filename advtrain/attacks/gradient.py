@@ -18,7 +18,6 @@ from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import get_loss
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import autocast_dtype
 from advtrain.threat.geometry import geometry_for
 
 _PAPER_PGD = "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018"
@@ -69,7 +68,7 @@ class PGD(Attack):
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
         if eps < 0 or (step_size is not None and step_size <= 0):
@@ -84,9 +83,6 @@ class PGD(Attack):
         self.targeted = bool(targeted)
         self.loss = loss
         self._loss_fn = get_loss(loss)
-        self.autocast = autocast
-        self._autocast = autocast_dtype(autocast)
-        self.compile = bool(compile)
 
     def step_sizes(self, eps: Tensor) -> Tensor:
         """Per-sample α: the configured value, or 2.5·ε/steps."""

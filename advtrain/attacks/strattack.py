@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
+from advtrain.engine.core import require_grad_mode
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
@@ -220,7 +220,7 @@ class StrAttack(Attack):
         eps: optional L∞ cap on δ (the paper's ε clip); ``None`` means no cap. A per-call ``eps`` (scalar or (B,))
             overrides it.
         warm_start: keep the ADMM state across binary-search steps instead of restarting from zero.
-        mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is accepted for uniformity).
+        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is accepted for uniformity).
 
     Returns (from ``__call__``):
         An :class:`AttackResult` with L2 ``norms`` and ``extra`` holding the ``"l0"``, ``"l1"``, ``"l2"`` and
@@ -254,10 +254,12 @@ class StrAttack(Attack):
         targeted: bool = False,
         eps: float | None = None,
         warm_start: bool = False,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or binary_search_steps < 1:
             raise ValueError(f"steps and binary_search_steps must be >= 1, got {steps}, {binary_search_steps}.")
         if refine and (refine_steps < 1 or refine_search_steps < 1):

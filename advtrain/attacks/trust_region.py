@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import require_grad_mode
+from advtrain.engine.core import require_grad_mode
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
@@ -350,7 +350,7 @@ class TrustRegion(Attack):
         radius_bounds: (min, max) radius for ``adaptive``; ``None`` uses the reference values of the norm.
         sigma1, sigma2, eta: the adaptive radius' thresholds σ1 > σ2 and factor η > 1.
         eps: optional ε-ball variant, see above (a per-call ``eps`` overrides it).
-        mode, seed: see :class:`~advtrain.attacks.base.Attack` (the attack itself is deterministic).
+        autocast, compile, mode, seed: see :class:`~advtrain.attacks.base.Attack` (the attack itself is deterministic).
 
     Example:
         >>> attack = TrustRegion(norm="linf", steps=100)  # doctest: +SKIP
@@ -374,10 +374,12 @@ class TrustRegion(Attack):
         sigma2: float = 0.5,
         eta: float = 1.2,
         eps: float | None = None,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
         seed: int | None = None,
     ) -> None:
-        super().__init__(mode=mode, seed=seed)
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
         if steps < 1 or num_classes_considered < 1 or krylov_dim < 1:
             raise ValueError(
                 f"steps, num_classes_considered and krylov_dim must be >= 1, got {steps}, {num_classes_considered}, "

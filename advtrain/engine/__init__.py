@@ -1,13 +1,19 @@
-"""The shared attack engine: model-state handling, input checks, losses, the batched gradient loop and results."""
+"""The shared attack engine: the attack core (one batched loop), model-state handling, input checks, losses, results."""
 
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.loop import gradient_ascent
+from advtrain.engine.core import ActiveSet, AttackCore, fused, require_grad_mode
+from advtrain.engine.loop import ascent_step, gradient_ascent
 from advtrain.engine.losses import LOSSES, cross_entropy, dlr_loss, margin_loss
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
 
 __all__ = [
+    "ActiveSet",
+    "AttackCore",
+    "ascent_step",
+    "fused",
+    "require_grad_mode",
     "LOSSES",
     "AttackMode",
     "AttackResult",

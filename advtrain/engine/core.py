@@ -1,0 +1,222 @@
+"""The attack core: the one batched loop every attack of the zoo runs on.
+
+An attack call builds one :class:`AttackCore` and one :class:`ActiveSet`, and hands the core a loop body:
+
+* :class:`AttackCore` owns what every attack shares: the input and label checks, the gradient-mode guard, every
+  model call (optional autocast with float32 logits, per-sample pass counting), gradients with respect to the
+  attack's variable (also Jacobian rows and double-backward graphs), the success test, the optional
+  ``torch.compile``-d elementwise step, and the final :class:`AttackResult`.
+* :class:`ActiveSet` holds the samples still under attack and their per-sample state tensors; when samples finish,
+  all of it shrinks together, so finished samples cost no more passes (per-sample early stopping).
+* :meth:`AttackCore.loop` is the loop itself: ``steps`` iterations of the body on the active set, retiring the
+  samples the body reports done, until none is left.
+
+Best-result tracking is :class:`~advtrain.engine.tracking.MinimalNormTracker` (smallest successful norm) or the
+max-loss tracking of :func:`advtrain.engine.loop.gradient_ascent`; the norm-specific math is in
+:mod:`advtrain.threat`. What differs between attacks is only the body: which objective is differentiated and how
+the iterate moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.losses import is_fooled
+from advtrain.engine.result import AttackResult
+from advtrain.engine.tracking import PassCounter, logits_of
+
+_FUSED: dict[Callable, Callable] = {}
+
+
+def require_grad_mode() -> None:
+    """Raises a clear error inside ``torch.inference_mode()``, where no attack can take a gradient."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Gradient attacks cannot run under torch.inference_mode(). With Lightning, construct the Trainer "
+            "with inference_mode=False (advtrain's base config does) or call the attack outside inference mode."
+        )
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn`` compiled with ``torch.compile`` (``dynamic=True``, so a shrinking active set does not recompile),
+    cached per function. Elementwise steps compile to one or a few fused kernels on GPU. Pass per-iteration
+    scalars as tensors so that changing values do not trigger recompilation."""
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
+
+
+class ActiveSet:
+    """The samples of a batch still under attack, with their per-sample state.
+
+    ``index`` holds their positions in the batch; every state tensor has one row per active sample, in the same
+    order. :meth:`retire` drops finished samples from the index and from every state tensor at once.
+
+    Args:
+        index: (n,) positions in the batch.
+        state: per-sample tensors with leading dimension n (e.g. ``x``, ``y``, ``delta``, ``radius``).
+    """
+
+    def __init__(self, index: Tensor, **state: Tensor) -> None:
+        self.index = index
+        self.state: dict[str, Tensor] = {}
+        for name, value in state.items():
+            self[name] = value
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.state[name]
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        if value.shape[:1] != self.index.shape:
+            raise ValueError(f"state {name!r} has {value.shape[0]} rows for {self.index.numel()} active samples.")
+        self.state[name] = value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def pop(self, name: str) -> Tensor:
+        return self.state.pop(name)
+
+    def keep(self, keep: Tensor) -> None:
+        """Keeps only the rows where ``keep`` is true (no host sync)."""
+        self.index = self.index[keep]
+        self.state = {name: value[keep] for name, value in self.state.items()}
+
+    def retire(self, done: Tensor) -> int:
+        """Drops the samples flagged ``done``; returns how many remain (the one host sync of an iteration)."""
+        remaining = int((~done).sum())
+        if remaining < len(self):
+            self.keep(~done)
+        return remaining
+
+
+class AttackCore:
+    """What every attack call shares (see the module docstring).
+
+    Args:
+        model: maps [0, 1] inputs to logits (already in the attack's mode, see
+            :func:`~advtrain.engine.attack_context`).
+        inputs: the clean batch in [0, 1]; checked here.
+        labels: true labels, or targets when ``targeted``; checked against the model's first output.
+        targeted: success means reaching ``labels`` rather than leaving them.
+        autocast: run the model under autocast in this dtype (e.g. ``torch.bfloat16``); logits come back in float32
+            and the attack's variables stay float32.
+        compile: :meth:`step` returns the ``torch.compile``-d version of an elementwise step (see :func:`fused`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        labels: Tensor,
+        *,
+        targeted: bool = False,
+        autocast: torch.dtype | None = None,
+        compile: bool = False,
+    ) -> None:
+        require_grad_mode()
+        check_inputs(inputs)
+        self.model = model
+        self.x = inputs.detach()
+        self.x32 = self.x.float()
+        self.y = labels.detach()
+        self.batch = self.x.shape[0]
+        self.device = self.x.device
+        self.dtype = self.x.dtype
+        self.targeted = bool(targeted)
+        self.autocast = autocast
+        self.compile = bool(compile)
+        self.counter = PassCounter()
+        self._labels_checked = False
+
+    def everyone(self, **state: Tensor) -> ActiveSet:
+        """An :class:`ActiveSet` of the whole batch."""
+        return ActiveSet(torch.arange(self.batch, device=self.device), **state)
+
+    def step(self, fn: Callable) -> Callable:
+        """The elementwise step ``fn``, compiled when the core is (the eager ``fn`` is its reference twin)."""
+        return fused(fn) if self.compile else fn
+
+    def logits(self, points: Tensor) -> Tensor:
+        """Float32 logits of ``points`` (one counted forward per row); the first call checks the labels."""
+        logits = logits_of(self.model, points.to(self.dtype), self.counter, autocast=self.autocast)
+        if not self._labels_checked:
+            check_labels(self.y, logits.shape[1], self.batch)
+            self._labels_checked = True
+        return logits
+
+    def forward(self, points: Tensor) -> Tensor:
+        """:meth:`logits` without a graph."""
+        with torch.no_grad():
+            return self.logits(points)
+
+    def value_and_grad(
+        self,
+        variable: Tensor,
+        points: Callable[[Tensor], Tensor],
+        objective: Callable[[Tensor], Tensor],
+        *,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One forward and one backward pass: the per-sample ``objective(logits)`` at ``points(variable)`` and its
+        gradient with respect to ``variable``.
+
+        Returns:
+            ``(logits, value, grad, variable)``, logits and value detached. With ``create_graph`` the gradient keeps
+            its graph for Hessian-vector products, and the returned ``variable`` is the leaf it is taken against.
+        """
+        with torch.enable_grad():
+            variable = variable.detach().requires_grad_(True)
+            logits = self.logits(points(variable))
+            value = objective(logits)
+            grad = torch.autograd.grad(value.sum(), variable, create_graph=create_graph)[0]
+        self.counter.backward(variable.shape[0])
+        if not create_graph:
+            grad = grad.detach()
+        return logits.detach(), value.detach(), grad, variable
+
+    def jacobian(self, outputs: Tensor, variable: Tensor) -> Tensor:
+        """Rows ∂outputs[:, k]/∂variable for every column k of ``outputs`` (n, K) on one shared graph: K backward
+        passes per sample, counted. Returns (n, K, *variable.shape[1:])."""
+        count = outputs.shape[1]
+        rows = [torch.autograd.grad(outputs[:, k].sum(), variable, retain_graph=k + 1 < count)[0] for k in range(count)]
+        self.counter.backward(count * variable.shape[0])
+        return torch.stack(rows, dim=1)
+
+    def fooled(self, logits: Tensor, index: Tensor) -> Tensor:
+        """Whether each row of ``logits`` fools the model for the samples ``index``."""
+        return is_fooled(logits.detach(), self.y[index], self.targeted)
+
+    @staticmethod
+    def loop(active: ActiveSet, steps: int, body: Callable[[int, ActiveSet], Tensor | None]) -> None:
+        """Runs ``body(k, active)`` for k = 0..steps−1 while samples remain. ``body`` returns a (n,) bool tensor of
+        the samples that are done (retired before the next iteration), or ``None`` when all go on."""
+        for k in range(steps):
+            if len(active) == 0:
+                return
+            done = body(k, active)
+            if done is not None:
+                active.retire(done)
+
+    def result(
+        self, adv: Tensor, success: Tensor, measure: Callable[[Tensor], Tensor], extra: dict | None = None
+    ) -> AttackResult:
+        """The :class:`AttackResult` of ``adv`` (clipped to the box, cast to the inputs' dtype), with norms from
+        ``measure(delta) -> (B,)`` and the pass counts."""
+        adv = adv.clamp(0.0, 1.0).to(self.dtype).detach()
+        return AttackResult(
+            adv=adv,
+            success=success,
+            norms=measure((adv - self.x).float()),
+            forward_passes=self.counter.forward_passes,
+            backward_passes=self.counter.backward_passes,
+            model_calls=self.counter.model_calls,
+            extra=extra or {},
+        )
