@@ -15,7 +15,7 @@ from torch import nn
 from advtrain.attacks import create_attack, list_attacks
 from advtrain.attacks.registry import AttackKind
 from advtrain.attacks.trust_region import TrustRegion, hessian_vector_product, select_targets
-from advtrain.engine.tracking import PassCounter
+from advtrain.engine.core import AttackCore
 from advtrain.threat import geometry_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,9 +51,10 @@ def test_linear_classifier_exact_minimal_norm(norm):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_hardest_class_targets_the_farthest_linear_boundary(norm):
     model, x, y, per_class = linear_problem(n=64)
-    counter = PassCounter()
-    best, _ = select_targets(model, x, geometry_for(norm), num_classes_considered=9, hardest=False, counter=counter)
-    hardest, _ = select_targets(model, x, geometry_for(norm), num_classes_considered=9, hardest=True, counter=counter)
+    core = AttackCore(model, x, y)
+    best, _ = select_targets(core, geometry_for(norm), num_classes_considered=9, hardest=False)
+    hardest, _ = select_targets(core, geometry_for(norm), num_classes_considered=9, hardest=True)
+    counter = core.counter
     assert torch.equal(best, per_class[norm].argmin(1))
     assert torch.equal(hardest, per_class[norm].masked_fill(per_class[norm].isinf(), -1).argmax(1))
     assert counter.backward_passes == 2 * 9 * 64 and counter.forward_passes == 2 * 64

@@ -14,12 +14,11 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.core import require_grad_mode
+from advtrain.engine.core import ActiveSet
 from advtrain.engine.loop import gradient_ascent
-from advtrain.engine.losses import is_fooled, soft_logit_margin
+from advtrain.engine.losses import soft_logit_margin
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
+from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import view_as_batch
 
@@ -106,56 +105,52 @@ class ANPGD(Attack):
         self.bisection_steps = int(bisection_steps)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x, y = inputs.detach(), labels.detach()
+        core = self.core(model, inputs, labels)
+        x = core.x
         eps_init = self.budget(eps, inputs)
         geometry = self.geometry
-        counter = PassCounter()
         tracker = MinimalNormTracker(x)
 
-        with torch.no_grad():
-            clean_logits = logits_of(model, x, counter)
-        check_labels(y, clean_logits.shape[1], x.shape[0])
-        wrong = is_fooled(clean_logits, y, targeted=False)
-        everyone = torch.arange(x.shape[0], device=x.device)
-        tracker.update(everyone, x, torch.zeros(x.shape[0], device=x.device), wrong)
-        active = (~wrong).nonzero().squeeze(1)
-        if active.numel() == 0:
-            return tracker.result(geometry.measure, counter)
+        everyone = torch.arange(core.batch, device=core.device)
+        wrong = core.fooled(core.forward(x), everyone)
+        tracker.update(everyone, x, torch.zeros(core.batch, device=core.device), wrong)
+        index = (~wrong).nonzero().squeeze(1)
+        if index.numel() == 0:
+            return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
 
-        # 1. PGD at ε_init on the soft logit margin.
-        xa, ya, ea = x[active], y[active], eps_init[active]
+        # 1. PGD at ε_init on the soft logit margin, on the same core (one loop, one pass count).
+        xa, ya, ea = x[index], core.y[index], eps_init[index]
         alpha = ea * (2.5 / self.steps) if self.step_size is None else torch.full_like(ea, float(self.step_size))
         pgd = gradient_ascent(
-            model, xa, ya, geometry=geometry, eps=ea, step_size=alpha, steps=self.steps,
-            loss_fn=soft_logit_margin, random_start=True, generator=generator,
+            model, xa, ya, geometry=geometry, eps=ea, step_size=alpha, steps=self.steps, loss_fn=soft_logit_margin,
+            random_start=True, generator=generator, autocast=self._autocast, compile=self.compile,
         )  # fmt: skip
-        counter.forward_passes += pgd.forward_passes
-        counter.backward_passes += pgd.backward_passes
-        counter.model_calls += pgd.model_calls
+        core.counter.absorb(pgd)
 
         # 2. The unit direction; a zero δ₁ (ε_init = 0, or no gradient) gives u = 0 and no success.
         delta = (pgd.adv - xa).float()
         radius = geometry.measure(delta)
         u = delta / view_as_batch(radius.clamp_min(1e-12), delta)
 
-        # 3. Bisection on η, starting from the bracket the PGD point gives.
+        # 3. Bisection on η, starting from the bracket the PGD point gives; forwards only.
         cap = torch.full_like(radius, 1.05 * self.max_eps)
-        lo = torch.where(pgd.success, torch.zeros_like(radius), torch.minimum(radius, cap))
-        hi = torch.where(pgd.success, radius, cap)
-        best = torch.where(view_as_batch(pgd.success, xa), pgd.adv, xa)
-        found = pgd.success.clone()
-        with torch.no_grad():
-            for _ in range(self.bisection_steps):
-                mid = 0.5 * (lo + hi)
-                candidate = (xa + view_as_batch(mid, u) * u).clamp(0.0, 1.0).to(x.dtype)
-                fooled = is_fooled(logits_of(model, candidate, counter), ya, targeted=False)
-                # hi only ever decreases to a fooling midpoint, so the last fooling candidate is the shortest.
-                best = torch.where(view_as_batch(fooled, xa), candidate, best)
-                found |= fooled
-                hi = torch.where(fooled, mid, hi)
-                lo = torch.where(fooled, lo, mid)
+        start = torch.where(view_as_batch(pgd.success, xa), pgd.adv, xa).float()
+        active = ActiveSet(
+            index, x=xa.float(), u=u, found=pgd.success.clone(), best=start,
+            lo=torch.where(pgd.success, torch.zeros_like(radius), torch.minimum(radius, cap)),
+            hi=torch.where(pgd.success, radius, cap),
+        )  # fmt: skip
 
-        tracker.update(active, best, geometry.measure((best - xa).float()), found)
-        return tracker.result(geometry.measure, counter)
+        def body(k: int, s: ActiveSet) -> None:
+            mid = 0.5 * (s["lo"] + s["hi"])
+            candidate = (s["x"] + view_as_batch(mid, s["u"]) * s["u"]).clamp(0.0, 1.0)
+            fooled = core.fooled(core.forward(candidate), s.index)
+            # hi only ever decreases to a fooling midpoint, so the last fooling candidate is the shortest.
+            s["best"] = torch.where(view_as_batch(fooled, candidate), candidate, s["best"])
+            s["found"] = s["found"] | fooled
+            s["hi"] = torch.where(fooled, mid, s["hi"])
+            s["lo"] = torch.where(fooled, s["lo"], mid)
+
+        core.loop(active, self.bisection_steps, body)
+        tracker.update(active.index, active["best"], geometry.measure(active["best"] - active["x"]), active["found"])
+        return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)

@@ -15,13 +15,11 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.core import require_grad_mode
-from advtrain.engine.losses import cross_entropy, dlr_loss, is_fooled
+from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.losses import cross_entropy, dlr_loss
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.errors import InvalidInputError
-from advtrain.threat.geometry import geometry_for
+from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import view_as_batch
 
 _PAPER = (
@@ -58,6 +56,16 @@ def halving_condition(
         Condition 1 (fewer than ρ·window raising steps) or condition 2 (no halving last time and f_max unchanged).
     """
     return (raises < rho * window) | (~reduced_last & (best_loss <= best_loss_last))
+
+
+def _momentum_step(
+    geometry: Geometry, x: Tensor, delta: Tensor, prev: Tensor, grad: Tensor, eta: Tensor, eps: Tensor, a: Tensor
+) -> Tensor:
+    """APGD's step: z = Π(δ + η·u(∇)), then δ ← Π(δ + a·(z − δ) + (1 − a)·(δ − δ_prev)), Π onto ball ∩ box.
+    One fusible unit (see :meth:`~advtrain.engine.core.AttackCore.step`)."""
+    z = geometry.project_ball_box(x, delta + view_as_batch(eta, delta) * geometry.ascent_direction(grad), eps)
+    moved = delta + a * (z - delta) + (1.0 - a) * (delta - prev)
+    return geometry.project_ball_box(x, moved, eps)
 
 
 def _checkpoint_fractions() -> list[float]:
@@ -186,6 +194,7 @@ class APGD(Attack):
 
     def _loss(self, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
         """The per-sample loss to ascend for the active samples in ``state``."""
+        self._check_classes(logits.shape[1])
         if self.loss == "ce":
             ce = cross_entropy(logits, state["y"])
             return -ce if self.targeted else ce
@@ -194,19 +203,13 @@ class APGD(Attack):
         return dlr_loss(logits, state["y"])
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x = inputs.detach()
-        y = labels.detach()
+        core = self.core(model, inputs, labels)
+        x, batch = core.x, core.batch
         eps_t = self.budget(eps, inputs)
-        counter = PassCounter()
-        batch = x.shape[0]
 
         clean_pred = None
         if self.targeted and self.loss == "dlr":
-            with torch.no_grad():
-                clean_logits = logits_of(model, x, counter)
-            check_labels(y, clean_logits.shape[1], batch)
+            clean_logits = core.forward(x)
             self._check_classes(clean_logits.shape[1])
             clean_pred = clean_logits.argmax(dim=1)
 
@@ -217,81 +220,60 @@ class APGD(Attack):
             idx = (~success).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            self._single_run(model, x, y, clean_pred, eps_t, idx, best_delta, best_loss, success, counter, generator)
-
-        adv = (x + best_delta.to(x.dtype)).clamp_(0.0, 1.0)
-        return AttackResult(
-            adv=adv.detach(),
-            success=success,
-            norms=self.geometry.measure((adv - x).float()),
-            forward_passes=counter.forward_passes,
-            backward_passes=counter.backward_passes,
-            model_calls=counter.model_calls,
-        )
+            self._single_run(core, clean_pred, eps_t, idx, best_delta, best_loss, success, generator)
+        return core.result(x + best_delta.to(x.dtype), success, self.geometry.measure)
 
     def _single_run(
         self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
+        core: AttackCore,
         clean_pred: Tensor | None,
         eps: Tensor,
         idx: Tensor,
         best_delta: Tensor,
         best_loss: Tensor,
         success: Tensor,
-        counter: PassCounter,
         generator: torch.Generator | None,
     ) -> None:
         """One APGD run on the samples ``idx``; writes fooled points and best-loss points into the outputs."""
         geometry, steps = self.geometry, self.steps
         checkpoints = [w for w in self.checkpoints(steps)[1:] if w < steps]
-        previous_checkpoint = 0
-
-        # Per-sample state of the active samples; compacted together whenever samples get fooled.
-        s: dict[str, Tensor] = {"idx": idx, "x": x[idx], "y": y[idx], "eps": eps[idx]}
+        previous_checkpoint = [0]
+        momentum = core.step(_momentum_step)
+        x = core.x32[idx]
+        n = idx.numel()
+        delta = geometry.project_ball_box(x, geometry.sample(x, eps[idx], generator), eps[idx])
+        # Per-sample state of the active samples; the core compacts it whenever samples get fooled.
+        s = ActiveSet(
+            idx, x=x, y=core.y[idx], eps=eps[idx], delta=delta, prev=delta, eta=2.0 * eps[idx],
+            run_best_loss=torch.full((n,), float("-inf"), device=x.device), run_best_delta=delta.clone(),
+            run_best_grad=torch.zeros_like(delta), raises=torch.zeros(n, device=x.device),
+            reduced=torch.zeros(n, dtype=torch.bool, device=x.device),
+        )  # fmt: skip
         if clean_pred is not None:
             s["clean"] = clean_pred[idx]
-        s["delta"] = geometry.project_ball_box(s["x"], geometry.sample(s["x"], s["eps"], generator), s["eps"])
-        s["prev"] = s["delta"]
-        s["eta"] = 2.0 * s["eps"]
-        n = idx.numel()
-        s["run_best_loss"] = torch.full((n,), float("-inf"), device=x.device)
-        s["run_best_delta"] = s["delta"].clone()
-        s["run_best_grad"] = torch.zeros_like(s["delta"])
-        s["raises"] = torch.zeros(n, device=x.device)
-        s["reduced"] = torch.zeros(n, dtype=torch.bool, device=x.device)
-        labels_checked = False
 
-        for k in range(steps + 1):
+        def body(k: int, s: ActiveSet) -> Tensor | None:
             last = k == steps  # the final iterate is only scored: no gradient, no step
-            delta = s["delta"].detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                logits = logits_of(model, (s["x"] + delta).to(x.dtype), counter)
-                if not labels_checked:
-                    check_labels(y, logits.shape[1], x.shape[0])
-                    self._check_classes(logits.shape[1])
-                    labels_checked = True
+            if last:
+                logits = core.forward(s["x"] + s["delta"])
                 loss = self._loss(logits, s)
-            if not last:
-                s["grad"] = torch.autograd.grad(loss.sum(), delta)[0]
-                counter.backward(delta.shape[0])
-            s["delta"] = delta.detach()
-            s["loss_now"] = loss.detach()
-            fooled = is_fooled(logits.detach(), s["y"], self.targeted)
-
+            else:
+                logits, loss, s["grad"], _ = core.value_and_grad(
+                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s)
+                )
+            fooled = core.fooled(logits, s.index)
             # Fooled samples leave with their first fooling point; the one host sync of the iteration.
             if bool(fooled.any()):
-                done = s["idx"][fooled]
+                done = s.index[fooled]
                 best_delta[done] = s["delta"][fooled]
-                best_loss[done] = s["loss_now"][fooled]
+                best_loss[done] = loss[fooled]
                 success[done] = True
-                s = {name: value[~fooled] for name, value in s.items()}
-                if s["idx"].numel() == 0:
-                    return
+                s.keep(~fooled)
+                loss = loss[~fooled]
+                if len(s) == 0:
+                    return None
 
             # Best point of this run: the restart target of the step-size schedule.
-            loss = s.pop("loss_now")
             improved = view_as_batch(loss > s["run_best_loss"], s["delta"])
             s["run_best_delta"] = torch.where(improved, s["delta"], s["run_best_delta"])
             if not last:
@@ -303,11 +285,11 @@ class APGD(Attack):
             s["run_best_loss"] = torch.maximum(loss, s["run_best_loss"])
             s["loss"] = loss
             if last:
-                break
+                return None
 
             if k in checkpoints:
                 halve = halving_condition(
-                    s["raises"], k - previous_checkpoint, self.rho, s["reduced"], s["run_best_loss"],
+                    s["raises"], k - previous_checkpoint[0], self.rho, s["reduced"], s["run_best_loss"],
                     s["checkpoint_best"],
                 )  # fmt: skip
                 s["eta"] = torch.where(halve, 0.5 * s["eta"], s["eta"])
@@ -318,17 +300,18 @@ class APGD(Attack):
                 s["reduced"] = halve
                 s["checkpoint_best"] = s["run_best_loss"]
                 s["raises"] = torch.zeros_like(s["raises"])
-                previous_checkpoint = k
+                previous_checkpoint[0] = k
 
-            a = 1.0 if k == 0 else self.alpha
-            eta = view_as_batch(s["eta"], s["delta"])
-            z = geometry.project_ball_box(s["x"], s["delta"] + eta * geometry.ascent_direction(s["grad"]), s["eps"])
-            moved = s["delta"] + a * (z - s["delta"]) + (1.0 - a) * (s["delta"] - s["prev"])
-            s["prev"] = s["delta"]
-            s["delta"] = geometry.project_ball_box(s["x"], moved, s["eps"])
+            a = torch.tensor(1.0 if k == 0 else self.alpha, device=x.device)
+            s["prev"], s["delta"] = (
+                s["delta"],
+                momentum(geometry, s["x"], s["delta"], s["prev"], s.pop("grad"), s["eta"], s["eps"], a),
+            )
+            return None
 
+        core.loop(s, steps + 1, body)
         # Samples still standing: keep this run's best-loss point if it beats earlier restarts.
-        better = s["run_best_loss"] > best_loss[s["idx"]]
-        upd = s["idx"][better]
+        better = s["run_best_loss"] > best_loss[s.index]
+        upd = s.index[better]
         best_delta[upd] = s["run_best_delta"][better]
         best_loss[upd] = s["run_best_loss"][better]

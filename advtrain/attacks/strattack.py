@@ -220,7 +220,7 @@ class StrAttack(Attack):
         eps: optional L∞ cap on δ (the paper's ε clip); ``None`` means no cap. A per-call ``eps`` (scalar or (B,))
             overrides it.
         warm_start: keep the ADMM state across binary-search steps instead of restarting from zero.
-        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is accepted for uniformity).
+        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is unused).
 
     Returns (from ``__call__``):
         An :class:`AttackResult` with L2 ``norms`` and ``extra`` holding the ``"l0"``, ``"l1"``, ``"l2"`` and

@@ -16,11 +16,8 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.core import require_grad_mode
-from advtrain.engine.losses import is_fooled
+from advtrain.engine.core import ActiveSet, AttackCore
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import clip_to_box, flat_norm, view_as_batch
 
@@ -36,36 +33,26 @@ def _margin(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     return (logits.gather(1, targets[:, None]) - logits.gather(1, labels[:, None])).squeeze(1)
 
 
-def select_targets(
-    model: nn.Module,
-    inputs: Tensor,
-    geometry: Geometry,
-    *,
-    num_classes_considered: int,
-    hardest: bool,
-    counter: PassCounter,
-) -> tuple[Tensor, Tensor]:
-    """TR index selection (seed 000, Sec. 4.1), once on the clean inputs.
+def select_targets(core: AttackCore, geometry: Geometry, *, num_classes_considered: int, hardest: bool) -> Tensor:
+    """TR index selection (seed 000, Sec. 4.1), once on the clean inputs of ``core``.
 
     Among the ``num_classes_considered`` classes ranked right after the predicted one, the linearised distance to
     each boundary is d_i = (z_top − z_i) / ‖∇z_i − ∇z_top‖_q, with q the dual norm of the geometry (1 for L∞, 2 for
-    L2). The best class minimises d (negative distances set to 0); the hardest maximises it.
+    L2). The best class minimises d (negative distances set to 0); the hardest maximises it. Costs one forward and
+    ``num_classes_considered`` backward passes per sample.
 
     Returns:
         (B,) target class per sample and the clean logits (B, K).
     """
-    x = inputs.detach().float().requires_grad_(True)
-    logits = logits_of(model, x.to(inputs.dtype), counter)
-    ranked = logits.detach().argsort(dim=1, descending=True)
-    c = min(num_classes_considered, logits.shape[1] - 1)
-    top = logits.gather(1, ranked[:, :1]).squeeze(1)
-    distances = []
-    for i in range(1, c + 1):
-        diff = top - logits.gather(1, ranked[:, i : i + 1]).squeeze(1)
-        grad = torch.autograd.grad(diff.sum(), x, retain_graph=i < c)[0]
-        counter.backward(x.shape[0])
-        distances.append(diff.detach() / geometry.dual_measure(grad).clamp_min(_TINY))
-    d = torch.stack(distances, dim=1)
+    with torch.enable_grad():
+        x = core.x32.clone().requires_grad_(True)
+        logits = core.logits(x)
+        ranked = logits.detach().argsort(dim=1, descending=True)
+        c = min(num_classes_considered, logits.shape[1] - 1)
+        diffs = logits.gather(1, ranked[:, :1]) - logits.gather(1, ranked[:, 1 : c + 1])
+        rows = core.jacobian(diffs, x)
+    n = x.shape[0]
+    d = diffs.detach() / geometry.dual_measure(rows.flatten(0, 1)).view(n, c).clamp_min(_TINY)
     pick = d.argmax(dim=1) if hardest else d.clamp_min(0.0).argmin(dim=1)
     return ranked.gather(1, pick[:, None] + 1).squeeze(1), logits.detach()
 
@@ -417,90 +404,68 @@ class TrustRegion(Attack):
         self._subspace_dim = self.krylov_dim if self.geometry.euclidean else 1
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
-        x = inputs.detach()
-        xf = x.float()
-        y = labels.detach()
-        batch = x.shape[0]
+        core = self.core(model, inputs, labels)
+        xf, y = core.x32, core.y
         eps_t = self.budget(eps, inputs)
         geometry = self.geometry
-        counter = PassCounter()
+        low, high = self.radius_bounds
+        second = self.order == 2
 
         # One forward and c backward passes: the clean decision and the target class of every sample. Samples
         # misclassified from the start are fooled at norm 0 and never attacked.
         targets, clean_logits = select_targets(
-            model,
-            x,
-            geometry,
-            num_classes_considered=self.num_classes_considered,
-            hardest=self.target == "hardest",
-            counter=counter,
+            core, geometry, num_classes_considered=self.num_classes_considered, hardest=self.target == "hardest"
         )
-        check_labels(y, clean_logits.shape[1], batch)
-        success = is_fooled(clean_logits, y, targeted=False)
+        success = core.fooled(clean_logits, torch.arange(core.batch, device=core.device))
         best = xf.clone()
-        active = (~success).nonzero().squeeze(1)
-        radius = torch.full((batch,), self.radius, device=x.device)
-        low, high = self.radius_bounds
-        xa, delta = xf[active], torch.zeros_like(xf[active])
-        prev_phi = predicted = None  # per active sample: margin before the last step, and its predicted change
+        index = (~success).nonzero().squeeze(1)
+        active = ActiveSet(
+            index, x=xf[index], y=y[index], target=targets[index], delta=torch.zeros_like(xf[index]),
+            radius=torch.full((index.numel(),), self.radius, device=core.device),
+        )  # fmt: skip
 
-        for _ in range(self.steps):
-            if active.numel() == 0:
-                break
-            delta.requires_grad_(True)
-            logits = logits_of(model, (xa + delta).to(x.dtype), counter)
-            phi = _margin(logits, y[active], targets[active])
-            grad = torch.autograd.grad(phi.sum(), delta, create_graph=self.order == 2)[0]
-            counter.backward(active.numel())
-            phi_d = phi.detach()
-            fooled = is_fooled(logits.detach(), y[active], targeted=False)
-            best[active] = torch.where(view_as_batch(fooled, xa), (xa + delta.detach()).clamp(0.0, 1.0), best[active])
-            success[active] = success[active] | fooled
-            if self.adaptive and prev_phi is not None:
-                ratio = torch.where(predicted > _TINY, (phi_d - prev_phi) / predicted.clamp_min(_TINY), 0.0)
-                r = radius[active]
+        def record(s: ActiveSet, fooled: Tensor) -> None:
+            """The first fooling point of each sample (it stops there)."""
+            point = (s["x"] + s["delta"]).clamp(0.0, 1.0)
+            best[s.index] = torch.where(view_as_batch(fooled, point), point, best[s.index])
+            success[s.index] = success[s.index] | fooled
+
+        def body(k: int, s: ActiveSet) -> Tensor | None:
+            logits, phi, grad, leaf = core.value_and_grad(
+                s["delta"], lambda d: s["x"] + d, lambda z: _margin(z, s["y"], s["target"]), create_graph=second
+            )
+            fooled = core.fooled(logits, s.index)
+            record(s, fooled)
+            if self.adaptive and "prev_phi" in s:
+                ratio = torch.where(
+                    s["predicted"] > _TINY, (phi - s["prev_phi"]) / s["predicted"].clamp_min(_TINY), 0.0
+                )
+                r = s["radius"]
                 r = torch.where(ratio > self.sigma1, r * self.eta, torch.where(ratio < self.sigma2, r / self.eta, r))
-                radius[active] = r.clamp(low, high)
-
+                s["radius"] = r.clamp(low, high)
             keep = ~fooled
-            remaining = int(keep.sum())  # the one host sync per iteration
-            if remaining == 0:
-                active = active[keep]
-                break
-            full_delta, full_grad = delta, grad
-            if remaining < active.numel():
-                active, xa, phi_d, grad, delta = active[keep], xa[keep], phi_d[keep], grad[keep], delta[keep]
-            step = self._step(phi_d, grad.detach(), radius[active], full_grad, full_delta, keep, counter)
+            full_grad = grad
+            s["phi"], s["grad"] = phi, grad.detach()
+            if s.retire(fooled) == 0:  # the one host sync per iteration
+                return None
+            step = self._step(s["phi"], s["grad"], s["radius"], full_grad, leaf, keep, core)
             with torch.no_grad():
-                base = delta.detach()
-                new_delta = clip_to_box(xa, base + step.delta)
+                base = s["delta"]
+                new_delta = clip_to_box(s["x"], base + step.delta)
                 moved = new_delta - base
-                predicted = (grad.detach() * moved).flatten(1).sum(1)
+                predicted = (s.pop("grad") * moved).flatten(1).sum(1)
                 if step.hessian_delta is not None:
                     predicted = predicted + 0.5 * (moved * step.hessian_delta).flatten(1).sum(1)
-            prev_phi, delta = phi_d, new_delta
+            s["prev_phi"], s["predicted"], s["delta"] = s.pop("phi"), predicted, new_delta
+            return None
 
+        core.loop(active, self.steps, body)
         # Samples still correct after the last step: one forward decides whether that step fooled them.
-        if active.numel() > 0:
-            with torch.no_grad():
-                logits = logits_of(model, (xa + delta).to(x.dtype), counter)
-            fooled = is_fooled(logits, y[active], targeted=False)
-            best[active] = torch.where(view_as_batch(fooled, xa), (xa + delta).clamp(0.0, 1.0), best[active])
-            success[active] = success[active] | fooled
-
-        adv = best.to(x.dtype)
+        if len(active) > 0:
+            record(active, core.fooled(core.forward(active["x"] + active["delta"]), active.index))
         if eps_t is not None:
-            adv, success = self._project(model, x, y, adv, success, eps_t, counter)
-        return AttackResult(
-            adv=adv,
-            success=success,
-            norms=geometry.measure((adv - x).float()),
-            forward_passes=counter.forward_passes,
-            backward_passes=counter.backward_passes,
-            model_calls=counter.model_calls,
-        )
+            return self._project(core, best, success, eps_t)
+        return core.result(best, success, geometry.measure)
 
     def _step(
         self,
@@ -510,7 +475,7 @@ class TrustRegion(Attack):
         full_grad: Tensor,
         full_delta: Tensor,
         keep: Tensor,
-        counter: PassCounter,
+        core: AttackCore,
     ) -> _Step:
         """The step of the samples ``keep`` selects; ``full_*`` carry the graph of the whole active batch."""
         if self.order == 1:
@@ -518,24 +483,20 @@ class TrustRegion(Attack):
         product = hessian_vector_product(full_grad, full_delta, keep.nonzero().squeeze(1))
 
         def hvp(v: Tensor) -> Tensor:
-            counter.backward(full_delta.shape[0])  # the double backward runs over the whole active batch
+            core.counter.backward(full_delta.shape[0])  # the double backward runs over the whole active batch
             return product(v)
 
         if self.solver == "steihaug":
             return _steihaug_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
         return _krylov_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
 
-    def _project(
-        self, model: nn.Module, x: Tensor, y: Tensor, adv: Tensor, success: Tensor, eps: Tensor, counter: PassCounter
-    ) -> tuple[Tensor, Tensor]:
+    def _project(self, core: AttackCore, adv: Tensor, success: Tensor, eps: Tensor) -> AttackResult:
         """Projects each found δ onto its ε-ball and re-checks the samples that moved."""
-        delta = (adv - x).float()
+        delta = adv - core.x32
         norms = self.geometry.measure(delta)
-        projected = (x.float() + self.geometry.project(delta, eps)).clamp_(0.0, 1.0).to(x.dtype)
+        projected = (core.x32 + self.geometry.project(delta, eps)).clamp_(0.0, 1.0)
         success = success.clone()
         moved = (success & (norms > eps)).nonzero().squeeze(1)
         if moved.numel() > 0:
-            with torch.no_grad():
-                logits = logits_of(model, projected[moved], counter)
-            success[moved] = is_fooled(logits, y[moved], targeted=False)
-        return projected, success
+            success[moved] = core.fooled(core.forward(projected[moved]), moved)
+        return core.result(projected, success, self.geometry.measure)

@@ -26,6 +26,12 @@ class PassCounter:
     def backward(self, n: int) -> None:
         self.backward_passes += int(n)
 
+    def absorb(self, result: AttackResult) -> None:
+        """Adds the passes of a sub-attack run on part of the batch (e.g. AN-PGD's PGD)."""
+        self.forward_passes += result.forward_passes
+        self.backward_passes += result.backward_passes
+        self.model_calls += result.model_calls
+
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
