@@ -133,3 +133,62 @@ def test_refuses_inference_mode_with_an_actionable_message(name, model):
     with pytest.raises(RuntimeError, match="inference_mode"):
         with torch.inference_mode():
             _make(name)(model, x, y)
+
+
+def _accepts(name: str, option: str) -> bool:
+    import inspect
+
+    return option in inspect.signature(type(_make(name)).__init__).parameters
+
+
+# C&W's reference abort-early test looks at the loss summed over the batch, so it is the one rule that couples
+# samples; without it C&W is per-sample too.
+# Budgets raised where the FAST ones fool nothing.
+INDEPENDENT = {
+    "cw_l2": {"abort_early": False, "initial_const": 10.0},
+    "strattack": {"steps": 30, "binary_search_steps": 2, "initial_const": 500.0},
+    "tr": {"steps": 30, "radius": 0.05},
+}
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS if not list_attacks()[n].stochastic])
+def test_each_sample_is_attacked_as_if_alone(name, model):
+    """A sample's result does not depend on the rest of its batch (per-sample constants, radii, active sets):
+    the attack on a batch equals the attack on its two halves."""
+    x, _ = _data()
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample starts correct, so each result comes from the attack itself
+    attack = _make(name, **INDEPENDENT.get(name, {}))
+    whole = attack(model, x, y)
+    assert whole.success.any()
+    first, second = attack(model, x[:3], y[:3]), attack(model, x[3:], y[3:])
+    torch.testing.assert_close(whole.adv, torch.cat([first.adv, second.adv]), atol=1e-5, rtol=0)
+    assert torch.equal(whole.success, torch.cat([first.success, second.success]))
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS if _accepts(n, "autocast")])
+def test_bf16_autocast_keeps_the_attack_in_float32(name, model):
+    """Under bf16 autocast the model runs in bf16 while the perturbation, the result and the norms stay float32 and
+    every contract holds (box, ball, verified successes)."""
+    x, y = _data()
+    result = _make(name, autocast="bf16")(model, x, y)
+    assert result.adv.dtype == torch.float32 and result.norms.dtype == torch.float32
+    assert result.adv.min() >= 0 and result.adv.max() <= 1
+    spec = list_attacks()[name]
+    if spec.kind is AttackKind.BUDGETED:
+        assert (result.norms <= BUDGET[spec.norms[0]] + 1e-5).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fooled = model(result.adv).float().argmax(1) != y
+    assert fooled[result.success].all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ATTACKS if _accepts(n, "compile")])
+def test_compiled_step_matches_the_eager_step(name, model):
+    """Every attack's fused (``torch.compile``-d) elementwise step gives the eager step's result."""
+    x, y = _data()
+    eager = _make(name)(model, x, y)
+    fused = _make(name, compile=True)(model, x, y)
+    torch.testing.assert_close(fused.adv, eager.adv, atol=1e-5, rtol=0)
+    assert torch.equal(fused.success, eager.success)
+    assert fused.backward_passes == eager.backward_passes

@@ -24,7 +24,7 @@ def _data(n=6, seed=0, shape=(1, 8, 8), classes=10):
 
 
 def _fast(**kw):
-    defaults = dict(steps=20, binary_search_steps=2, refine_steps=10, refine_search_steps=2, initial_const=5.0)
+    defaults = dict(steps=20, binary_search_steps=2, refine_steps=10, refine_search_steps=2, initial_const=50.0)
     defaults.update(kw)
     return StrAttack(**defaults)
 

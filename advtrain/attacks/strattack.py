@@ -24,11 +24,10 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.core import require_grad_mode
+from advtrain.engine.core import ActiveSet, AttackCore
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
+from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import flat_norm, view_as_batch
 
@@ -323,27 +322,19 @@ class StrAttack(Attack):
             fooled = fooled & (self._objective(logits, labels) <= -self.confidence)
         return fooled
 
-    def _gradient(self, model, x, point, labels, const, counter, check: bool = False) -> tuple[Tensor, Tensor]:
-        """∇_δ c·f(x + δ) at ``point`` and the logits there (``check``: validate the labels first)."""
-        point = point.detach().requires_grad_(True)
-        logits = logits_of(model, x + point, counter)
-        if check:
-            check_labels(labels, logits.shape[1], x.shape[0])
-        loss = (const * self._objective(logits, labels)).sum()
-        grad = torch.autograd.grad(loss, point)[0]
-        counter.backward(x.shape[0])
-        return grad, logits.detach()
+    def _gradient(self, core: AttackCore, s: ActiveSet, point: Tensor, const: Tensor) -> tuple[Tensor, Tensor]:
+        """∇_δ c·f(x + δ) at ``point`` for the samples of ``s``, and the logits there."""
+        logits, _, grad, _ = core.value_and_grad(
+            point, lambda d: s["x"] + d, lambda z: const * self._objective(z, s["y"])
+        )
+        return grad, logits
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        require_grad_mode()
-        check_inputs(inputs)
         if inputs.ndim != 4:
             raise ValueError(f"StrAttack needs image batches of shape (B, C, H, W), got {tuple(inputs.shape)}.")
-        x = inputs.detach()
-        y = labels.detach()
-        batch = x.shape[0]
-        counter = PassCounter()
+        core = self.core(model, inputs, labels)
+        x = core.x
         tracker = MinimalNormTracker(x)
         cap = self.budget(eps, x)
         lower = -x
@@ -355,69 +346,65 @@ class StrAttack(Attack):
         groups = self.groups_for(tuple(x.shape[1:]), device=x.device)
         groups.counts = groups.counts.to(x.dtype)
 
-        const = torch.full((batch,), self.initial_const, device=x.device, dtype=x.dtype)
-        const = self._search(model, x, y, const, lower, upper, groups, counter, tracker)
+        const = torch.full((core.batch,), self.initial_const, device=x.device, dtype=x.dtype)
+        const = self._search(core, const, lower, upper, groups, tracker)
         if self.refine and bool(tracker.success.any()):
-            self._refine(model, x, y, const, lower, upper, counter, tracker)
+            self._refine(core, const, lower, upper, tracker)
 
-        result = tracker.result(self._geometry.measure, counter)
-        delta = (result.adv - x).float()
-        result.extra = {
+        adv = tracker.best_adv
+        delta = (adv - x).float()
+        extra = {
             "l0": flat_norm(delta, 0.0),
             "l1": flat_norm(delta, 1.0),
             "l2": flat_norm(delta, 2.0),
             "linf": flat_norm(delta, math.inf),
         }
-        return result
+        return core.result(adv, tracker.success.clone(), self._geometry.measure, extra)
 
-    def _search(self, model, x, y, const, lower, upper, groups, counter, tracker) -> Tensor:
+    def _search(self, core: AttackCore, const, lower, upper, groups, tracker) -> Tensor:
         """The binary search on c around the ADMM of Propositions 1–2; returns the smallest successful c (or the
         last tried one for samples never fooled)."""
-        batch = x.shape[0]
-        index = torch.arange(batch, device=x.device)
+        x = core.x
         lo_c = torch.zeros_like(const)
         hi_c = torch.full_like(const, math.inf)
         rho = self.rho
         d_scale = rho / (rho + 2.0 * self.gamma)
         threshold = self.tau / rho
         denom_groups = rho * (2.0 + groups.counts)
-        state = None
-        labels_checked = False
-        for _ in range(self.binary_search_steps):
-            if state is None or not self.warm_start:
-                z = torch.zeros_like(x)
-                u = torch.zeros_like(x)
-                s = torch.zeros_like(x)
-                v = torch.zeros_like(groups.split(x))
-                state = (z, u, s, v)
-            z, u, s, v = state
-            c_view = view_as_batch(const, x)
-            fooled_here = torch.zeros(batch, dtype=torch.bool, device=x.device)
-            z_blocks = groups.split(z)
-            for k in range(1, self.steps + 1):
-                eta_k = self._eta(k)
-                delta = d_scale * (z - u)
-                w = torch.minimum(torch.maximum(z - s, lower), upper)
-                y_blocks = groups.soft_threshold(z_blocks - v, threshold)
-                grad, _ = self._gradient(model, x, z, y, c_view, counter, check=not labels_checked)
-                labels_checked = True
-                y_sum = groups.merge(y_blocks + v)
-                z_new = (eta_k * z + rho * (delta + u + w + s + y_sum) - grad) / (eta_k + denom_groups)
-                z_blocks = groups.split(z_new)
-                u = u + delta - z_new
-                s = s + w - z_new
-                v = v + y_blocks - z_blocks
-                z = z_new
-                # Score the group-sparse iterate, clipped to the box and the ε cube (zeros stay zero).
-                candidate = self._sparse_iterate(groups, y_blocks)
-                candidate = torch.minimum(torch.maximum(candidate, lower), upper)
-                with torch.no_grad():
-                    logits = logits_of(model, x + candidate, counter)
-                fooled = self._fooled(logits, y)
-                tracker.update(index, x + candidate, flat_norm(candidate, 2.0), fooled)
-                fooled_here |= fooled
-            state = (z, u, s, v)
-            const = self._next_const(const, lo_c, hi_c, fooled_here)
+        # Every sample stays active: the attack minimises the norm of fooled samples too.
+        st = core.everyone(x=x, y=core.y, lower=lower, upper=upper)
+
+        def body(step: int, s: ActiveSet) -> None:
+            eta_k = self._eta(step + 1)
+            z, u, w_dual, v = s["z"], s["u"], s["s"], s["v"]
+            delta = d_scale * (z - u)
+            w = torch.minimum(torch.maximum(z - w_dual, s["lower"]), s["upper"])
+            y_blocks = groups.soft_threshold(s["z_blocks"] - v, threshold)
+            grad, _ = self._gradient(core, s, z, s["c"])
+            y_sum = groups.merge(y_blocks + v)
+            z_new = (eta_k * z + rho * (delta + u + w + w_dual + y_sum) - grad) / (eta_k + denom_groups)
+            s["z_blocks"] = groups.split(z_new)
+            s["u"] = u + delta - z_new
+            s["s"] = w_dual + w - z_new
+            s["v"] = v + y_blocks - s["z_blocks"]
+            s["z"] = z_new
+            # Score the group-sparse iterate, clipped to the box and the ε cube (zeros stay zero).
+            candidate = self._sparse_iterate(groups, y_blocks)
+            candidate = torch.minimum(torch.maximum(candidate, s["lower"]), s["upper"])
+            fooled = self._fooled(core.forward(s["x"] + candidate), s["y"])
+            tracker.update(s.index, s["x"] + candidate, flat_norm(candidate, 2.0), fooled)
+            s["fooled"] = s["fooled"] | fooled
+
+        for search in range(self.binary_search_steps):
+            if search == 0 or not self.warm_start:
+                for name in ("z", "u", "s"):
+                    st[name] = torch.zeros_like(x)
+                st["v"] = torch.zeros_like(groups.split(x))
+                st["z_blocks"] = groups.split(st["z"])
+            st["c"] = const
+            st["fooled"] = torch.zeros(core.batch, dtype=torch.bool, device=x.device)
+            core.loop(st, self.steps, body)
+            const = self._next_const(const, lo_c, hi_c, st["fooled"])
         return torch.where(torch.isfinite(hi_c), hi_c, const)
 
     @staticmethod
@@ -437,33 +424,37 @@ class StrAttack(Attack):
         lo_c.copy_(torch.where(fooled, lo_c, torch.maximum(lo_c, const)))
         return torch.where(torch.isfinite(hi_c), (lo_c + hi_c) / 2, const * 5.0)
 
-    def _refine(self, model, x, y, const, lower, upper, counter, tracker) -> None:
+    def _refine(self, core: AttackCore, const, lower, upper, tracker) -> None:
         """The refined attack under fixed sparsity (seed 002 Sec. 4.2, Proposition 3) on the samples fooled so far."""
-        active = tracker.success.nonzero().squeeze(1)
-        xa, ya, lo_a, hi_a = x[active], y[active], lower[active], upper[active]
-        const = const[active].clone()
+        x = core.x
+        index = tracker.success.nonzero().squeeze(1)
+        const = const[index].clone()
         lo_c = torch.zeros_like(const)
         hi_c = torch.full_like(const, math.inf)
         rho = self.rho
         d_scale = rho / (rho + 2.0 * self.gamma)
+        st = ActiveSet(index, x=x[index], y=core.y[index], lower=lower[index], upper=upper[index])
+
+        def body(step: int, s: ActiveSet) -> None:
+            eta_k = self._eta(step + 1)
+            z, u, support = s["z"], s["u"], s["support"]
+            delta = torch.minimum(torch.maximum(d_scale * (z - u), s["lower"]), s["upper"]) * support
+            grad, logits = self._gradient(core, s, delta, s["c"])
+            fooled = self._fooled(logits, s["y"])
+            tracker.update(s.index, s["x"] + delta, flat_norm(delta, 2.0), fooled)
+            s["fooled"] = s["fooled"] | fooled
+            s["z"] = support * (eta_k * z + rho * (delta + u) - grad) / (eta_k + rho)
+            s["u"] = u + delta - s["z"]
+
         for _ in range(self.refine_search_steps):
-            best = (tracker.best_adv[active] - xa).to(x.dtype)
+            best = (tracker.best_adv[index] - st["x"]).to(x.dtype)
             magnitude = best.abs().flatten(1)
             nonzero = torch.where(magnitude > 0, magnitude, torch.full_like(magnitude, float("nan")))
             sigma = torch.nanquantile(nonzero.float(), self.refine_quantile, dim=1).to(x.dtype)
-            support = (best.abs() > view_as_batch(sigma, best)).to(x.dtype)
-            c_view = view_as_batch(const, xa)
-            z = best * support
-            u = torch.zeros_like(xa)
-            fooled_here = torch.zeros(active.numel(), dtype=torch.bool, device=x.device)
-            for k in range(1, self.refine_steps + 1):
-                eta_k = self._eta(k)
-                delta = torch.minimum(torch.maximum(d_scale * (z - u), lo_a), hi_a) * support
-                grad, logits = self._gradient(model, xa, delta, ya, c_view, counter)
-                fooled = self._fooled(logits, ya)
-                tracker.update(active, xa + delta, flat_norm(delta, 2.0), fooled)
-                fooled_here |= fooled
-                z_new = support * (eta_k * z + rho * (delta + u) - grad) / (eta_k + rho)
-                u = u + delta - z_new
-                z = z_new
-            const = self._next_const(const, lo_c, hi_c, fooled_here)
+            st["support"] = (best.abs() > view_as_batch(sigma, best)).to(x.dtype)
+            st["z"] = best * st["support"]
+            st["u"] = torch.zeros_like(best)
+            st["c"] = const
+            st["fooled"] = torch.zeros(index.numel(), dtype=torch.bool, device=x.device)
+            core.loop(st, self.refine_steps, body)
+            const = self._next_const(const, lo_c, hi_c, st["fooled"])
