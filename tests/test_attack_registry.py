@@ -192,3 +192,24 @@ def test_compiled_step_matches_the_eager_step(name, model):
     torch.testing.assert_close(fused.adv, eager.adv, atol=1e-5, rtol=0)
     assert torch.equal(fused.success, eager.success)
     assert fused.backward_passes == eager.backward_passes
+
+
+# Attacks with per-sample early stopping and what a sample misclassified from the start still costs in backward
+# passes: the gradient loop learns that a sample is fooled from the forward pass whose backward it already takes
+# (one pass); TR's index selection looks at every sample once (min(9, K − 1) = 9 gradients).
+EARLY_STOPPING = {"bim": 1, "deepfool": 0, "tr": 9}
+
+
+@pytest.mark.parametrize("name", sorted(EARLY_STOPPING))
+def test_samples_fooled_already_cost_no_more_backward_passes(name, model):
+    """Early stopping is real: appending already-misclassified copies of a batch adds only the fixed cost above, so a
+    half-fooled batch costs about half the passes."""
+    x, _ = _data()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attack = _make(name, **INDEPENDENT.get(name, {}))
+    alone = attack(model, x, y)
+    both = attack(model, torch.cat([x, x]), torch.cat([y, (y + 1) % 10]))
+    assert both.backward_passes == alone.backward_passes + EARLY_STOPPING[name] * x.shape[0]
+    assert alone.backward_passes > 0
+    assert torch.equal(both.success[: x.shape[0]], alone.success) and both.success[x.shape[0] :].all()

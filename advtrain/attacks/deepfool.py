@@ -131,6 +131,7 @@ class DeepFool(Attack):
         scale = 1.0 + self.overshoot
         tracker = MinimalNormTracker(core.x)
         x0 = core.x32
+        boundary_step = core.step(_closest_boundary_step)
         active = core.everyone(x=x0.clone(), x0=x0, y=core.y)  # x: the current iterate
         logits = self._forward(core, active["x"])
         active["cand"] = self._candidate_classes(logits.detach(), core.y)
@@ -169,7 +170,7 @@ class DeepFool(Attack):
             xa = s["x"].detach()
             if rows_kept is not None:
                 w_prime = w_prime[rows_kept]
-            s["x"] = xa + clip_to_box(xa, scale * _closest_boundary_step(geometry, f_prime, w_prime))
+            s["x"] = xa + clip_to_box(xa, scale * boundary_step(geometry, f_prime, w_prime))
             logits = None
             return None
 

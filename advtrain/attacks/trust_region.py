@@ -91,11 +91,12 @@ class _Step:
     hessian_delta: Tensor | None
 
 
-def _first_order_step(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor) -> _Step:
-    """Linear model: the steepest-ascent direction, length 1.02·(min(per, r) + 1e-4), per = −φ/‖∇φ‖_q."""
+def _first_order_delta(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor) -> Tensor:
+    """Linear model: the steepest-ascent direction, length 1.02·(min(per, r) + 1e-4), per = −φ/‖∇φ‖_q. One fusible
+    unit (see :meth:`~advtrain.engine.core.AttackCore.step`)."""
     per = -phi / geometry.dual_measure(grad).clamp_min(_TINY)
     length = _OVERSHOOT * (torch.minimum(per, radius) + _OVERSHOOT_ADD)
-    return _Step(view_as_batch(length, grad) * geometry.ascent_direction(grad), None)
+    return view_as_batch(length, grad) * geometry.ascent_direction(grad)
 
 
 def _first_root(c: Tensor, b: Tensor, a: Tensor) -> Tensor:
@@ -479,7 +480,7 @@ class TrustRegion(Attack):
     ) -> _Step:
         """The step of the samples ``keep`` selects; ``full_*`` carry the graph of the whole active batch."""
         if self.order == 1:
-            return _first_order_step(self.geometry, phi, grad, radius)
+            return _Step(core.step(_first_order_delta)(self.geometry, phi, grad, radius), None)
         product = hessian_vector_product(full_grad, full_delta, keep.nonzero().squeeze(1))
 
         def hvp(v: Tensor) -> Tensor:
