@@ -8,6 +8,7 @@ from advtrain.attacks.ddn import DDN
 from advtrain.attacks.deepfool import DeepFool
 from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
+from advtrain.attacks.square import Square
 from advtrain.attacks.strattack import StrAttack
 from advtrain.attacks.trust_region import TrustRegion
 
@@ -18,6 +19,7 @@ __all__ = [
     "FGM",
     "FGSM",
     "PGD",
+    "Square",
     "StrAttack",
     "TrustRegion",
     "Attack",

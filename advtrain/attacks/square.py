@@ -1,0 +1,256 @@
+"""Square attack: a score-based black-box attack by random search with square-shaped updates.
+
+Reference:
+    Andriushchenko, Croce, Flammarion and Hein, *Square Attack: a query-efficient black-box adversarial attack via
+    random search*, ECCV 2020 (Algorithm 1; Algorithm 2 and Sec. 3.1 for L∞; Algorithm 3, Eq. (5) and Sec. 3.2 for L2).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from advtrain.attacks.base import Attack
+from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
+from advtrain.engine.core import ActiveSet
+from advtrain.engine.losses import margin_loss
+from advtrain.engine.result import AttackResult
+from advtrain.threat.geometry import geometry_for
+from advtrain.threat.norms import Norm, clip_to_box, flat_norm, view_as_batch
+
+_PAPER = (
+    "Andriushchenko et al., Square Attack: a query-efficient black-box adversarial attack via random search, ECCV 2020"
+)
+_TINY = 1e-12
+# Iterations (of a 10,000-query run) after which the fraction p of pixels changed per update is halved (Sec. 4).
+_HALVING_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def centre_pattern(rows: int, cols: int, device=None) -> Tensor:
+    """The L2 update pattern of Eq. (5): nested concentric rectangles around the centre, ring k adding 1/(k+1)².
+
+    A pixel at Chebyshev distance d from the centre lies inside every ring k ≥ d, so its value is
+    Σ_{k=d}^{n−1} 1/(k+1)² with n = max(⌈rows/2⌉, ⌈cols/2⌉): largest at the centre, decaying towards the border.
+    """
+    if rows == 0 or cols == 0:
+        return torch.zeros(rows, cols, device=device)
+    n = max((rows + 1) // 2, (cols + 1) // 2)
+    ring = torch.maximum(
+        (torch.arange(rows, device=device) - rows // 2).abs()[:, None],
+        (torch.arange(cols, device=device) - cols // 2).abs()[None, :],
+    )
+    weights = 1.0 / torch.arange(1, n + 1, device=device, dtype=torch.float32) ** 2
+    tail = weights.flip(0).cumsum(0).flip(0)  # tail[d] = Σ_{k ≥ d} 1/(k+1)²
+    return tail[ring.clamp_max(n - 1)]
+
+
+def square_pattern(side: int, transpose: bool, device=None) -> Tensor:
+    """η* of Algorithm 3: a side × side window whose halves carry the centre pattern with opposite signs, optionally
+    transposed, normalised to unit L2 norm."""
+    left = side // 2
+    eta = torch.cat([centre_pattern(side, left, device), -centre_pattern(side, side - left, device)], dim=1)
+    if transpose:
+        eta = eta.T
+    return eta / eta.norm().clamp_min(_TINY)
+
+
+@register_attack(
+    AttackSpec("square", AttackKind.BUDGETED, ("linf", "l2"), targeted=True, stochastic=True, paper=_PAPER)
+)
+class Square(Attack):
+    """Square attack (Andriushchenko et al. 2020): gradient-free random search on the margin loss.
+
+    The only access to the model is its output scores, so the attack is blind to gradient masking: a model that
+    resists gradient attacks but not this one masks its gradients (Athalye et al. 2018's "black-box beats
+    white-box" warning sign). Per sample, with the margin loss L = z_y − max_{j≠y} z_j (targeted: max_{j≠t} z_j − z_t),
+    lower is better and the sample is fooled once the prediction changes:
+
+    * **Initialisation.** L∞: vertical stripes, every (channel, column) of δ set to ±ε at random. L2: a grid of
+      tiles of side ⌊w/5⌋ each holding the centre pattern of Eq. (5) with a random sign per channel, scaled to
+      ‖δ‖₂ = ε. Then x + δ is clipped to [0, 1].
+    * **Iteration i.** A square window of side h(i) = round(√(p(i)·h·w)) at a uniformly random position; p(i)
+      starts at ``p_init`` and halves at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a
+      10,000-iteration run (rescaled to ``steps``). L∞ (Algorithm 2): every channel of the window is set to ±ε,
+      one random sign per channel. L2 (Algorithm 3): a second window W2 is drawn; per channel, the mass of
+      δ on W1 ∪ W2 plus an equal share of the unused budget ε² − ‖δ‖² is moved onto W1, along ±η* plus W1's
+      current content (normalised), and W2 is zeroed, so ‖δ‖₂ = ε after every update (before box clipping).
+      The candidate is clipped to [0, 1] and accepted if it lowers the margin loss (or fools the model).
+    * **Early stopping per sample**: a fooled sample stops costing queries; restarts re-attack, from a fresh
+      initialisation, only the samples still standing.
+
+    Deviations from the paper: the window position and the signs are drawn per sample (the reference code draws one
+    window per batch); a candidate whose window does not change after box clipping is not resampled (it simply
+    costs a query); the L2 window side is at least 2 so that both halves of η* exist.
+
+    Cost: one forward pass per active sample per iteration (plus the initial one), no backward pass.
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
+        steps: random-search iterations (queries after the initial one) per restart; AutoAttack uses 5000.
+        p_init: initial fraction of pixels changed per update (0.8 in AutoAttack; the paper uses 0.05 on ImageNet).
+        restarts: independent runs; later runs only attack samples not yet fooled.
+        targeted: ``labels`` are targets to reach.
+        autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast (scores come back in float32).
+        compile: use the ``torch.compile``-d box clipping of the candidates.
+        mode, seed: see :class:`Attack`.
+
+    Example:
+        >>> attack = Square(norm="linf", eps=8 / 255, steps=1000, seed=0)  # doctest: +SKIP
+        >>> result = attack(model, images, labels)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        norm: Literal["linf", "l2"] = "linf",
+        eps: float = 8 / 255,
+        steps: int = 5000,
+        p_init: float = 0.8,
+        restarts: int = 1,
+        targeted: bool = False,
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
+        mode: Literal["eval", "train"] = "eval",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        if steps < 1 or restarts < 1:
+            raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if not 0 < p_init <= 1:
+            raise ValueError(f"p_init must lie in (0, 1], got {p_init}.")
+        self.geometry = geometry_for(norm)
+        self.norm = self.geometry.norm.value
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.p_init = float(p_init)
+        self.restarts = int(restarts)
+        self.targeted = bool(targeted)
+
+    def side(self, i: int, height: int, width: int) -> int:
+        """Window side h(i) at iteration ``i``: round(√(p(i)·h·w)), clamped to the image."""
+        scaled = int(i / self.steps * 10000)
+        p = self.p_init / 2 ** sum(scaled > point for point in _HALVING_POINTS)
+        smallest = 2 if self.geometry.norm is Norm.L2 else 1
+        return max(min(round((p * height * width) ** 0.5), height, width), min(smallest, height, width))
+
+    def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
+        core = self.core(model, inputs, labels)
+        if core.x.ndim != 4:
+            raise ValueError(f"Square attack needs image batches of shape (B, C, H, W), got {tuple(inputs.shape)}.")
+        eps_t = self.budget(eps, core.x)
+        best = {
+            "delta": torch.zeros_like(core.x32),
+            "loss": torch.full((core.batch,), float("inf"), device=core.device),
+            "success": torch.zeros(core.batch, dtype=torch.bool, device=core.device),
+        }
+        clip = core.step(clip_to_box)
+        height, width = core.x.shape[-2:]
+        for _ in range(self.restarts):
+            idx = (~best["success"]).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            xs, es = core.x32[idx], eps_t[idx]
+            delta = clip(xs, self._init(xs, es, generator))
+            loss, fooled = self._query(core, xs, delta, idx)
+            self._record(best, idx, delta, loss, fooled)
+            keep = ~fooled
+            active = ActiveSet(idx[keep], x=xs[keep], eps=es[keep], delta=delta[keep], loss=loss[keep])
+
+            def body(i: int, a: ActiveSet) -> Tensor:
+                update = self._linf_update if self.geometry.norm is Norm.LINF else self._l2_update
+                candidate = clip(a["x"], update(a["delta"], a["eps"], self.side(i, height, width), generator))
+                new_loss, new_fooled = self._query(core, a["x"], candidate, a.index)
+                accept = (new_loss < a["loss"]) | new_fooled
+                a["delta"] = torch.where(view_as_batch(accept, candidate), candidate, a["delta"])
+                a["loss"] = torch.where(accept, new_loss, a["loss"])
+                self._record(
+                    best, a.index[new_fooled], a["delta"][new_fooled], a["loss"][new_fooled], new_fooled[new_fooled]
+                )
+                return new_fooled
+
+            core.loop(active, self.steps, body)
+            if len(active):
+                self._record(
+                    best,
+                    active.index,
+                    active["delta"],
+                    active["loss"],
+                    torch.zeros_like(active.index, dtype=torch.bool),
+                )
+        return core.result(core.x32 + best["delta"], best["success"], self.geometry.measure)
+
+    def _query(self, core, points_x: Tensor, delta: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Margin loss to lower (z_y − max_{j≠y} z_j; targeted: max_{j≠t} z_j − z_t) and success, one forward each."""
+        logits = core.forward(points_x + delta)
+        margin = margin_loss(logits, core.y[index])
+        return (margin if self.targeted else -margin), core.fooled(logits, index)
+
+    @staticmethod
+    def _record(best: dict[str, Tensor], index: Tensor, delta: Tensor, loss: Tensor, fooled: Tensor) -> None:
+        """Keeps, per sample, a fooling point or else the lowest-loss point seen over the restarts."""
+        better = fooled | (loss < best["loss"][index])
+        upd = index[better]
+        best["delta"][upd] = delta[better]
+        best["loss"][upd] = loss[better]
+        best["success"][upd] = fooled[better]
+
+    def _init(self, xs: Tensor, eps: Tensor, generator) -> Tensor:
+        n, channels, height, width = xs.shape
+        if self.geometry.norm is Norm.LINF:
+            signs = self._signs((n, channels, 1, width), xs.device, generator)
+            return signs.expand(n, channels, height, width) * view_as_batch(eps, xs)
+        tile = max(height // 5, 1)
+        pattern = centre_pattern(tile, tile, xs.device)
+        rows, cols = -(-height // tile), -(-width // tile)
+        signs = self._signs((n, channels, rows, cols), xs.device, generator)
+        delta = torch.kron(signs, pattern)[..., :height, :width]
+        delta = delta / view_as_batch(flat_norm(delta, 2.0).clamp_min(_TINY), delta)
+        return delta * view_as_batch(eps, delta)
+
+    @staticmethod
+    def _signs(shape, device, generator) -> Tensor:
+        return torch.randint(0, 2, shape, device=device, generator=generator).float() * 2.0 - 1.0
+
+    @staticmethod
+    def _window(n: int, h: int, height: int, width: int, device, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample random h × h windows: their (n, 1, H, W) mask and top-left corners."""
+        r = torch.randint(0, height - h + 1, (n,), device=device, generator=generator)
+        s = torch.randint(0, width - h + 1, (n,), device=device, generator=generator)
+        rows = torch.arange(height, device=device)[None]
+        cols = torch.arange(width, device=device)[None]
+        in_r = (rows >= r[:, None]) & (rows < r[:, None] + h)
+        in_c = (cols >= s[:, None]) & (cols < s[:, None] + h)
+        return (in_r[:, :, None] & in_c[:, None, :])[:, None], r, s
+
+    def _linf_update(self, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+        n, channels, height, width = delta.shape
+        mask, _, _ = self._window(n, h, height, width, delta.device, generator)
+        values = self._signs((n, channels, 1, 1), delta.device, generator) * view_as_batch(eps, delta)
+        return torch.where(mask, values, delta)
+
+    def _l2_update(self, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+        n, channels, height, width = delta.shape
+        device = delta.device
+        w1, r, s = self._window(n, h, height, width, device, generator)
+        w2, _, _ = self._window(n, h, height, width, device, generator)
+        transpose = bool(torch.randint(0, 2, (1,), device=device, generator=generator))
+        eta = square_pattern(h, transpose, device)
+        # η* placed at each sample's W1, times a random sign per channel.
+        canvas = torch.zeros(n, height, width, device=device)
+        span = torch.arange(h, device=device)
+        canvas[torch.arange(n, device=device)[:, None, None], (r[:, None] + span)[:, :, None],
+               (s[:, None] + span)[:, None, :]] = eta  # fmt: skip
+        rho = self._signs((n, channels, 1, 1), device, generator)
+        unused = (eps**2 - flat_norm(delta, 2.0) ** 2).clamp_min(0.0)
+        union = w1 | w2
+        per_channel = lambda t: t.flatten(2).norm(dim=2)[..., None, None]  # noqa: E731 - (n, C, 1, 1) norms
+        on_w1 = delta * w1
+        direction = rho * canvas[:, None] + on_w1 / per_channel(on_w1).clamp_min(_TINY)
+        available = (per_channel(delta * union) ** 2 + view_as_batch(unused, delta) / channels).sqrt()
+        moved = direction / per_channel(direction).clamp_min(_TINY) * available
+        return torch.where(union, torch.where(w1, moved, torch.zeros_like(delta)), delta)
