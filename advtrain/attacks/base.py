@@ -48,9 +48,7 @@ class Attack(ABC):
     def core(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> AttackCore:
         """The :class:`~advtrain.engine.core.AttackCore` of one call, with this attack's autocast and compile
         options (it checks the inputs and the gradient mode)."""
-        return AttackCore(
-            model, inputs, labels, targeted=self.targeted, autocast=self._autocast, compile=self.compile
-        )
+        return AttackCore(model, inputs, labels, targeted=self.targeted, autocast=self._autocast, compile=self.compile)
 
     def __call__(
         self, model: nn.Module, inputs: Tensor, labels: Tensor, eps: float | Tensor | None = None
