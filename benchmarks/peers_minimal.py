@@ -7,9 +7,9 @@ side in one process:
   it attacks one sample at a time with a backward pass per class, about 50× slower) on the first ``--ta-n`` digits,
   next to advtrain on the same digits.
 * C&W L2 at Rony et al.'s 4×25 and 1×100 budgets (seed 001, Table 1), with the learning rate and initial constant
-  picked for adv-lib on held-out digits (see ``CW_SMALL``): advtrain with ``abort_early=False`` (the same algorithm
-  adv-lib runs, whose batch-wide abort test practically never fires on 100 samples) and with its per-sample
-  ``abort_early=True``, vs adv-lib ``carlini_wagner_l2`` (its defaults otherwise).
+  picked for adv-lib on held-out digits (see ``CW_SMALL``): advtrain with ``abort_early=False`` and with its default
+  ``abort_early=True`` (the reference's test on the loss summed over the search step, as adv-lib's), vs adv-lib
+  ``carlini_wagner_l2`` (its defaults otherwise).
 * With ``--cw-9x1000``: C&W 9×1000 at the paper's lr 0.01 and c0 1e-3 on the first ``--big-n`` digits.
 
 Reports success rate, mean norm over successes, median norm with failures as +inf, per-sample forward/backward

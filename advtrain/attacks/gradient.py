@@ -115,7 +115,8 @@ class BIM(PGD):
     """Basic iterative method / I-FGSM (Kurakin et al. 2017): PGD without random start or restarts.
 
     Args:
-        norm, eps, steps, step_size, targeted, loss, mode: as :class:`PGD` (``step_size=None`` gives ε/steps·1.25,
+        norm, eps, steps, step_size, targeted, loss, autocast, compile, mode: as :class:`PGD` (``step_size=None``
+            gives ε/steps·1.25,
             the usual choice that lets the iterate reach the boundary).
     """
 
@@ -128,11 +129,13 @@ class BIM(PGD):
         step_size: float | None = None,
         targeted: bool = False,
         loss: str = "ce",
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
         mode: str = "eval",
     ) -> None:
         super().__init__(
             norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=1, random_start=False,
-            targeted=targeted, loss=loss, mode=mode,
+            targeted=targeted, loss=loss, autocast=autocast, compile=compile, mode=mode,
         )  # fmt: skip
 
     def step_sizes(self, eps: Tensor) -> Tensor:
@@ -150,13 +153,22 @@ class FGSM(PGD):
     Args:
         eps: budget.
         targeted: step towards ``labels`` (x − ε·sign ∇CE(x, target)).
-        loss, mode: as :class:`PGD`.
+        loss, autocast, compile, mode: as :class:`PGD`.
     """
 
-    def __init__(self, *, eps: float = 8 / 255, targeted: bool = False, loss: str = "ce", mode: str = "eval") -> None:
+    def __init__(
+        self,
+        *,
+        eps: float = 8 / 255,
+        targeted: bool = False,
+        loss: str = "ce",
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
+        mode: str = "eval",
+    ) -> None:
         super().__init__(
             norm="linf", eps=eps, steps=1, step_size=None, restarts=1, random_start=False, targeted=targeted,
-            loss=loss, mode=mode,
+            loss=loss, autocast=autocast, compile=compile, mode=mode,
         )  # fmt: skip
 
     def step_sizes(self, eps: Tensor) -> Tensor:
@@ -168,10 +180,19 @@ class FGM(FGSM):
     """Fast gradient method, the L2 version of FGSM: x + ε·∇/‖∇‖₂, clipped to [0, 1].
 
     Args:
-        eps, targeted, loss, mode: as :class:`FGSM`.
+        eps, targeted, loss, autocast, compile, mode: as :class:`FGSM`.
     """
 
-    def __init__(self, *, eps: float = 0.5, targeted: bool = False, loss: str = "ce", mode: str = "eval") -> None:
-        super().__init__(eps=eps, targeted=targeted, loss=loss, mode=mode)
+    def __init__(
+        self,
+        *,
+        eps: float = 0.5,
+        targeted: bool = False,
+        loss: str = "ce",
+        autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False,
+        mode: str = "eval",
+    ) -> None:
+        super().__init__(eps=eps, targeted=targeted, loss=loss, autocast=autocast, compile=compile, mode=mode)
         self.geometry = geometry_for("l2")
         self.norm = self.geometry.norm.value
