@@ -30,9 +30,9 @@ _NO_UPPER = 1e10  # "no successful c yet" (reference code)
 def _adam_step(modifier: Tensor, grad: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One Adam descent step on w, with ``scalars`` = (lr·√bc2/bc1, ε·√bc2) (bias corrections folded in);
     returns the new modifier and moments. One fusible unit (see :meth:`AttackCore.step`)."""
-    m = m * _BETA1 + grad * (1 - _BETA1)
-    v = v * _BETA2 + grad * grad * (1 - _BETA2)
-    return modifier - scalars[0] * m / (v.sqrt() + scalars[1]), m, v
+    m = torch.lerp(grad, m, _BETA1)  # β1·m + (1 − β1)·g
+    v = torch.lerp(grad * grad, v, _BETA2)  # β2·v + (1 − β2)·g²
+    return modifier - scalars[0] * (m / v.sqrt().add_(scalars[1])), m, v
 
 
 @register_attack(AttackSpec("cw_l2", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
@@ -137,6 +137,12 @@ class CarliniWagnerL2(Attack):
         kappa = self.confidence
         check_every = max(1, self.steps // 10)
         adam = core.step(_adam_step)
+        # Adam's bias corrections fold into two scalars per iteration: m̂ / (√v̂ + ε) = √bc2 · m / (√v + ε√bc2).
+        root_bc2 = [math.sqrt(1 - _BETA2 ** (i + 1)) for i in range(self.steps)]
+        adam_scalars = torch.tensor(
+            [[self.step_size * r / (1 - _BETA1 ** (i + 1)), _ADAM_EPS * r] for i, r in enumerate(root_bc2)],
+            device=device,
+        )
 
         const = torch.full((batch,), self.initial_const, device=device)
         lower = torch.zeros(batch, device=device)
@@ -161,10 +167,7 @@ class CarliniWagnerL2(Attack):
             found[s.index] |= decided
             success = decided if budget_t is None else decided & (l2 <= budget_t[s.index])
             tracker.update(s.index, s.pop("adv"), l2, success)
-            # Adam's bias corrections fold into two scalars: m̂ / (√v̂ + ε) = √bc2 · m / (√v + ε√bc2).
-            root_bc2 = math.sqrt(1 - _BETA2 ** (i + 1))
-            scalars = torch.tensor([self.step_size * root_bc2 / (1 - _BETA1 ** (i + 1)), _ADAM_EPS * root_bc2])
-            s["modifier"], s["m"], s["v"] = adam(s["modifier"], grad, s["m"], s["v"], scalars.to(device))
+            s["modifier"], s["m"], s["v"] = adam(s["modifier"], grad, s["m"], s["v"], adam_scalars[i])
             if self.abort_early and i % check_every == 0:
                 total = loss.sum()
                 if bool(total > stall[0] * 0.9999):  # the reference rule, on the whole search step
