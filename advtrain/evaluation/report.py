@@ -1,0 +1,337 @@
+"""The evaluation report: numbers from the gathered records, ``report.json``/``report.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from advtrain.evaluation.masking import MaskingCheck, run_checks, within
+
+log = logging.getLogger(__name__)
+
+
+def eps_key(eps: float) -> str:
+    """The text form of an ε in reports and logged keys, e.g. ``0.3`` or ``0.03137``."""
+    return f"{eps:.4g}"
+
+
+def _median_with_failures(values: Tensor) -> float:
+    """Lower median, failures being +inf (seed 001's convention); NaN for no sample."""
+    if values.numel() == 0:
+        return math.nan
+    return float(values.sort().values[(values.numel() - 1) // 2])
+
+
+def _mean(values: Tensor) -> float:
+    return float(values.mean()) if values.numel() else math.nan
+
+
+@dataclass
+class RobustnessReport:
+    """The result of an evaluation. :meth:`as_dict` is what ``report.json`` holds.
+
+    Accuracies are fractions of all evaluated samples; a sample counts as robust when it is classified correctly
+    both clean and at every verified adversarial point (RobustBench's convention). "All" is, per sample, the worst
+    case over every attack and every ε up to the one reported: a verified adversarial example of norm r breaks the
+    sample at every ε ≥ r.
+
+    Attributes:
+        data: the gathered per-sample records (see :func:`advtrain.evaluation.robust.attack_batch`).
+        summary: the numbers, as in ``report.json``.
+        checks: the gradient-masking checks.
+    """
+
+    data: dict[str, Tensor]
+    summary: dict[str, Any]
+    checks: list[MaskingCheck] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.summary
+
+    @property
+    def fired(self) -> list[str]:
+        """Names of the gradient-masking checks that fired."""
+        return [c.name for c in self.checks if c.fired]
+
+    def log_warnings(self) -> None:
+        """Logs a warning per fired check and per attack defect (rank 0 only, under DDP)."""
+        from advtrain.evaluation.sampling import dist_info
+
+        if dist_info()[0] != 0:
+            return
+        for check in self.checks:
+            if check.fired:
+                log.warning("Gradient-masking check %s fired: %s. %s", check.name, check.detail, check.advice)
+        for defect in self.summary["defects"]:
+            log.warning("%s", defect)
+
+    def scalars(self, prefix: str = "robust") -> dict[str, float]:
+        """Flat ``{key: value}`` for a Lightning logger: accuracies per attack and ε, the worst case, success rates,
+        norms, ρ, pass counts, times and the masking flags."""
+        s = self.summary
+        out = {f"{prefix}/clean_acc": s["clean_accuracy"], f"{prefix}/All/acc": s["robust_accuracy_all"]}
+        for key, value in s["robust_accuracy_all_by_eps"].items():
+            out[f"{prefix}/All/acc@{key}"] = value
+        for name, a in s["attacks"].items():
+            out[f"{prefix}/{name}/acc"] = a["robust_accuracy"]
+            for key, value in a["robust_accuracy_by_eps"].items():
+                out[f"{prefix}/{name}/acc@{key}"] = value
+            for stat in ("success_rate", "mean_norm", "median_norm", "rho_mean", "rho_max", "forward_passes",
+                         "backward_passes", "seconds", "false_claims"):  # fmt: skip
+                out[f"{prefix}/{name}/{stat}"] = float(a[stat])
+        for check in self.checks:
+            out[f"{prefix}/masking/{check.name}"] = float(check.fired)
+        out[f"{prefix}/time_s"] = s["wall_time_s"]
+        return out
+
+    def curves(self) -> dict[str, tuple[list[float], list[float]]]:
+        """Accuracy versus ε per attack and for ``"All"``, each starting at ε = 0 with the clean accuracy."""
+        s = self.summary
+        grid = s["eps_grid"]
+        out = {}
+        for name, a in [*s["attacks"].items(), ("All", {"robust_accuracy_by_eps": s["robust_accuracy_all_by_eps"]})]:
+            out[name] = ([0.0, *grid], [s["clean_accuracy"], *(a["robust_accuracy_by_eps"][eps_key(e)] for e in grid)])
+        return out
+
+
+def summarize(
+    data: dict[str, Tensor],
+    attacks: Sequence,
+    grid: Sequence[float],
+    *,
+    norm: str,
+    eps: float,
+    cascade: bool,
+    tolerance: float = 0.01,
+    seconds: float = 0.0,
+    meta: Mapping[str, Any] | None = None,
+) -> RobustnessReport:
+    """Computes the report from the gathered records.
+
+    Per attack: robust accuracy at each ε; success rate over the correctly classified samples it attacked (at the
+    main ε for budgeted attacks); claimed, verified and falsely claimed successes (over all ε); mean norm over its
+    successes and median norm over the samples it attacked with failures as +inf; ρ = ‖δ‖/‖x‖ mean and worst case
+    (largest) over its successes; pass counts and time.
+    """
+    n = int(data["index"].numel())
+    total = max(n, 1)
+    correct = data["correct"]
+    main = list(grid).index(eps)
+    best = data["norms"].flatten(1).amin(1) if n else torch.zeros(0)
+    all_by_eps = {}
+    for g, e in enumerate(grid):
+        robust_all = correct & ~within(best, e) & data["robust"][:, :, g].all(1)
+        all_by_eps[eps_key(e)] = float(robust_all.sum()) / total
+    attacks_out: dict[str, Any] = {}
+    defects = []
+    # Curves for the "success grows with ε" check: the worst case, the worst case over the gradient attacks only
+    # (a black-box attack must not hide flat gradient-attack curves), and each budgeted attack alone when it ran on
+    # every sample (in the cascade its curve is cumulative, hence monotone by construction).
+    curves = {"All": list(all_by_eps.values())}
+    white = [a for a, e in enumerate(attacks) if e.role != "black_box"]
+    if white and len(white) < len(attacks) and n:
+        white_best = data["norms"][:, white].flatten(1).amin(1)
+        curves["white-box attacks"] = [float((correct & ~within(white_best, e)).sum()) / total for e in grid]
+    for a, entry in enumerate(attacks):
+        col = 0 if entry.minimal else main
+        attacked = data["attacked"][:, a, col]
+        fooled = data["fooled"][:, a, col] & attacked
+        norms = data["norms"][:, a, col]
+        every = slice(0, 1) if entry.minimal else slice(None)
+        claimed = int((data["claimed"][:, a, every] & data["attacked"][:, a, every]).sum())
+        verified = int((data["fooled"][:, a, every] & data["attacked"][:, a, every]).sum())
+        false_claims = int(
+            (data["claimed"][:, a, every] & ~data["fooled"][:, a, every] & data["attacked"][:, a, every]).sum()
+        )
+        if false_claims:
+            defects.append(
+                f"Attack {entry.name} claimed {false_claims} successes that did not hold on re-check (clipped to the "
+                "ball and box, fresh forward pass): an attack defect; they were counted as failures."
+            )
+        rho = norms[fooled] / data["x_norm"][fooled].clamp_min(1e-12)
+        by_eps = {eps_key(e): float(data["robust"][:, a, g].sum()) / total for g, e in enumerate(grid)}
+        if not entry.minimal and not cascade:
+            curves[entry.name] = list(by_eps.values())
+        n_attacked = int(attacked.sum())
+        attacks_out[entry.name] = {
+            "config": entry.config,
+            "kind": "minimal" if entry.minimal else "budgeted",
+            "role": entry.role,
+            "robust_accuracy": by_eps[eps_key(eps)],
+            "robust_accuracy_by_eps": by_eps,
+            "attacked": n_attacked,
+            "attacked_by_eps": {eps_key(e): int(data["attacked"][:, a, g].sum()) for g, e in enumerate(grid)},
+            "success_rate": float(fooled.sum()) / n_attacked if n_attacked else math.nan,
+            "claimed_successes": claimed,
+            "verified_successes": verified,
+            "false_claims": false_claims,
+            "mean_norm": _mean(norms[fooled]),
+            "median_norm": _median_with_failures(torch.where(fooled, norms, math.inf)[attacked]),
+            "rho_mean": _mean(rho),
+            "rho_max": float(rho.max()) if rho.numel() else math.nan,
+            "forward_passes": int(data["forward_passes"][a]),
+            "backward_passes": int(data["backward_passes"][a]),
+            "seconds": round(float(data["seconds"][a]), 3),
+        }
+    checks = run_checks(
+        data, [e.name for e in attacks], [e.role for e in attacks], [e.minimal and e.unbounded for e in attacks],
+        list(grid), curves, tolerance,
+    )  # fmt: skip
+    summary = {
+        **(dict(meta) if meta else {}),
+        "samples": n,
+        "norm": norm,
+        "eps": eps,
+        "eps_grid": list(grid),
+        "cascade": cascade,
+        "clean_accuracy": float(correct.sum()) / total,
+        "robust_accuracy_all": all_by_eps[eps_key(eps)],
+        "robust_accuracy_all_by_eps": all_by_eps,
+        "attacks": attacks_out,
+        "masking_checks": [c.as_dict() for c in checks],
+        "defects": defects,
+        "wall_time_s": round(seconds, 3),
+    }
+    return RobustnessReport(data=data, summary=summary, checks=checks)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def _num(value: float) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4g}"
+
+
+def write_report(
+    report: RobustnessReport, output: str | Path, meta: Mapping[str, Any] | None = None, plots: bool = True
+) -> Path:
+    """Writes ``report.json``, ``report.md`` and (with ``plots``) ``accuracy_vs_eps.png`` and ``minimal_norms.png``
+    into ``output``; returns the folder."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**(dict(meta) if meta else {}), **report.as_dict()}
+    (out / "report.json").write_text(json.dumps(_json_safe(data), indent=2))
+    grid = data["eps_grid"]
+    lines = ["# advtrain robustness report", ""]
+    lines += [f"- {k}: `{v}`" for k, v in (meta or {}).items()]
+    lines += [
+        f"- samples: {data['samples']}; threat model: {data['norm']}, ε = {data['eps']:g} "
+        f"(grid {', '.join(map(eps_key, grid))}); cascade: {data['cascade']}",
+        f"- clean accuracy: {_pct(data['clean_accuracy'])}",
+        f"- robust accuracy, worst case over all attacks: {_pct(data['robust_accuracy_all'])}",
+        f"- wall time: {data['wall_time_s']:.1f} s",
+        "",
+        "## Robust accuracy per ε",
+        "",
+        "| attack | " + " | ".join(f"ε={eps_key(e)}" for e in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
+    for name, a in data["attacks"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(a["robust_accuracy_by_eps"][eps_key(e)]) for e in grid) + " |")
+    lines.append("| **All** | " + " | ".join(_pct(data["robust_accuracy_all_by_eps"][eps_key(e)]) for e in grid) + " |")
+    lines += [
+        "",
+        "## Attacks",
+        "",
+        "| attack | kind | success rate | verified | false claims | mean norm | median norm | ρ mean | ρ max | fwd "
+        "| bwd | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in data["attacks"].items():
+        lines.append(
+            f"| {name} | {a['kind']} | {_pct(a['success_rate'])} | {a['verified_successes']} | {a['false_claims']} | "
+            f"{_num(a['mean_norm'])} | {_num(a['median_norm'])} | {_num(a['rho_mean'])} | {_num(a['rho_max'])} | "
+            f"{a['forward_passes']} | {a['backward_passes']} | {a['seconds']:.1f} |"
+        )
+    lines += ["", "## Gradient-masking checks", ""]
+    for check in data["masking_checks"]:
+        mark = "**FIRED**" if check["fired"] else "ok"
+        lines.append(
+            f"- {check['name']}: {mark} — {check['detail']}." + (f" {check['advice']}" if check["fired"] else "")
+        )
+    if data["defects"]:
+        lines += ["", "## Attack defects", ""] + [f"- {d}" for d in data["defects"]]
+    lines += ["", "Attack configurations:", ""] + [f"- {n}: `{a['config']}`" for n, a in data["attacks"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    if plots:
+        plot_accuracy_vs_eps(report, out / "accuracy_vs_eps.png")
+        plot_minimal_norms(report, out / "minimal_norms.png")
+    return out
+
+
+def accuracy_figure(report: RobustnessReport):
+    """A matplotlib figure of robust accuracy versus ε per attack (thin) and the worst case "All" (thick)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in report.curves().items():
+        style = {"linewidth": 3, "color": "black"} if name == "All" else {"linewidth": 1.2, "marker": "."}
+        ax.plot(xs, [100 * y for y in ys], label=name, **style)
+    ax.set_xlabel(f"ε ({report.summary['norm']})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_eps(report: RobustnessReport, path: str | Path) -> Path:
+    """Saves :func:`accuracy_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(report)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_minimal_norms(report: RobustnessReport, path: str | Path) -> Path | None:
+    """Saves a histogram of the verified norms of the minimal-norm attacks' successes (nothing without one)."""
+    minimal = [(name, a) for name, a in report.summary["attacks"].items() if a["kind"] == "minimal"]
+    if not minimal:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(report.summary["attacks"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, _ in minimal:
+        a = names.index(name)
+        norms = report.data["norms"][:, a, 0]
+        norms = norms[torch.isfinite(norms)]
+        if norms.numel():
+            ax.hist(norms.numpy(), bins=30, alpha=0.5, label=name)
+    for e in report.summary["eps_grid"]:
+        ax.axvline(e, color="grey", linewidth=0.5)
+    ax.set_xlabel(f"minimal adversarial norm ({report.summary['norm']})")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,183 @@
+"""Evaluation suites as data: which registered attacks to run, with which budgets, in which role.
+
+A suite is a list of :class:`SuiteEntry`. :func:`build_suite` turns it into attacks for one threat model, keeping
+only the attacks whose registry spec supports the norm. The role of an attack decides where it runs in the cascade
+and which gradient-masking checks it feeds (:mod:`advtrain.evaluation.masking`):
+
+* ``minimal``: minimal-norm attacks, run once per sample; the robust accuracy at every ε is read off their norms.
+* ``iterative``: multi-step gradient attacks at each ε of the grid.
+* ``one_step``: single-step gradient attacks (FGSM/FGM), after the iterative ones: breaking samples that they
+  missed is a sign of gradient masking.
+* ``black_box``: gradient-free attacks (Square), last: breaking samples that every gradient attack missed is a
+  sign of gradient masking.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from advtrain.attacks.base import Attack
+from advtrain.attacks.registry import _REGISTRY, AttackKind, create_attack, list_attacks
+from advtrain.threat.norms import Norm
+
+ROLES = ("minimal", "iterative", "one_step", "black_box")
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One attack of a suite.
+
+    Attributes:
+        label: name in reports and logged keys (e.g. ``"apgd-ce"``).
+        attack: registered attack name (see :func:`advtrain.attacks.list_attacks`).
+        kwargs: hyperparameters; ``norm`` and ``eps`` are filled in by :func:`build_suite` for attacks that take
+            them (a minimal-norm attack gets no ``eps``: it is unbounded).
+        role: ``"minimal"``, ``"iterative"``, ``"one_step"`` or ``"black_box"`` (see the module docstring).
+        unbounded: a minimal-norm attack searching the whole box, expected to fool every sample (AN-PGD stops at
+            its ``max_eps`` and is not).
+        per_norm: hyperparameters that depend on the norm, e.g. ``{"l2": {"max_eps": 10.0}}``.
+    """
+
+    label: str
+    attack: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    role: str = "iterative"
+    unbounded: bool = True
+    per_norm: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalAttack:
+    """An attack ready for the evaluation: its report label, the attack object, its role and kind."""
+
+    name: str
+    attack: Attack
+    role: str
+    minimal: bool
+    unbounded: bool = False
+    config: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"Unknown role {self.role!r} for attack {self.name!r}; allowed roles are {ROLES}.")
+        self.config = self.config or repr(self.attack)
+
+
+_MINIMAL = [
+    SuiteEntry("deepfool", "deepfool", {"steps": 50}, role="minimal"),
+    SuiteEntry("cw_l2", "cw_l2", {"steps": 100, "binary_search_steps": 5, "initial_const": 0.1}, role="minimal"),
+    SuiteEntry("ddn", "ddn", {"steps": 100}, role="minimal"),
+    SuiteEntry("tr", "tr", {"steps": 100}, role="minimal"),
+    SuiteEntry("strattack", "strattack", {"steps": 50, "binary_search_steps": 3}, role="minimal"),
+    SuiteEntry(
+        "anpgd",
+        "anpgd",
+        {"steps": 20, "bisection_steps": 10},
+        role="minimal",
+        unbounded=False,
+        per_norm={"linf": {"max_eps": 1.0}, "l2": {"max_eps": 10.0}},
+    ),  # fmt: skip
+]
+
+#: The built-in suites. ``quick`` for frequent checks during training, ``standard`` for reporting (the two APGD
+#: losses of AutoAttack), ``full`` for auditing a defence with every attack of the zoo that supports the norm.
+SUITES: dict[str, list[SuiteEntry]] = {
+    "quick": [SuiteEntry("pgd20", "pgd", {"steps": 20, "restarts": 1})],
+    "standard": [
+        SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100}),
+        SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100}),
+    ],
+    "full": [
+        *_MINIMAL,
+        SuiteEntry("bim", "bim", {"steps": 20}),
+        SuiteEntry("pgd", "pgd", {"steps": 40, "restarts": 1}),
+        SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100}),
+        SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100}),
+        SuiteEntry("fgsm", "fgsm", role="one_step"),
+        SuiteEntry("fgm", "fgm", role="one_step"),
+        SuiteEntry("square", "square", {"steps": 1000}, role="black_box"),
+    ],
+}
+
+
+def list_suites() -> list[str]:
+    """Names of the built-in suites."""
+    return sorted(SUITES)
+
+
+def build_suite(
+    suite: str | list[SuiteEntry],
+    *,
+    norm: str,
+    eps: float,
+    seed: int = 0,
+    overrides: Mapping[str, Mapping] | None = None,
+) -> list[EvalAttack]:
+    """Builds the attacks of a suite for one threat model, skipping those whose spec does not support ``norm``.
+
+    Args:
+        suite: a name of :data:`SUITES` or a list of entries.
+        norm: threat norm (``"linf"``, ``"l2"``).
+        eps: the budget the budgeted attacks are configured with (the evaluation calls them at every ε of its grid).
+        seed: seed of the stochastic attacks.
+        overrides: per-label hyperparameters replacing the suite's (e.g. ``{"square": {"steps": 100}}``).
+
+    Returns:
+        The attacks, in suite order.
+
+    Raises:
+        ValueError: for an unknown suite name, or when no attack of the suite supports the norm.
+    """
+    if isinstance(suite, str):
+        if suite not in SUITES:
+            raise ValueError(f"Unknown suite {suite!r}; the suites are {list_suites()}.")
+        entries = SUITES[suite]
+    else:
+        entries = list(suite)
+    norm = Norm.parse(norm).value
+    specs = list_attacks()
+    built = []
+    for entry in entries:
+        if entry.attack not in specs:
+            raise ValueError(
+                f"Suite entry {entry.label!r} names unknown attack {entry.attack!r}; known: {sorted(specs)}."
+            )
+        spec = specs[entry.attack]
+        if norm not in spec.norms:
+            continue
+        accepted = inspect.signature(_REGISTRY[entry.attack][1].__init__).parameters
+        kwargs = {**entry.kwargs, **entry.per_norm.get(norm, {}), **(overrides or {}).get(entry.label, {})}
+        if "norm" in accepted:
+            kwargs.setdefault("norm", norm)
+        if spec.kind is AttackKind.BUDGETED or entry.attack == "anpgd":  # AN-PGD's eps is its initial budget
+            kwargs.setdefault("eps", eps)
+        if spec.stochastic and "seed" in accepted:
+            kwargs.setdefault("seed", seed)
+        attack = create_attack(entry.attack, **kwargs)
+        built.append(EvalAttack(entry.label, attack, entry.role, spec.kind is AttackKind.MINIMAL, entry.unbounded))
+    if not built:
+        raise ValueError(f"No attack of suite {suite!r} supports the {norm} threat model.")
+    return built
+
+
+def wrap_attacks(attacks: Mapping[str, Attack]) -> list[EvalAttack]:
+    """Wraps explicitly given attacks (name → attack) for the evaluation, inferring each role from its spec:
+    minimal-norm, gradient-free (``square``), one-step (``steps == 1``) or iterative."""
+    wrapped = []
+    for name, attack in attacks.items():
+        spec = getattr(attack, "spec", None)
+        minimal = spec is not None and spec.kind is AttackKind.MINIMAL
+        if minimal:
+            role = "minimal"
+        elif spec is not None and spec.name == "square":
+            role = "black_box"
+        elif getattr(attack, "steps", None) == 1:
+            role = "one_step"
+        else:
+            role = "iterative"
+        unbounded = minimal and getattr(attack, "eps", None) is None and spec.name != "anpgd"
+        wrapped.append(EvalAttack(name, attack, role, minimal, unbounded))
+    return wrapped
