@@ -47,6 +47,16 @@ class YOPO(InnerMaximizer):
     :class:`advtrain.models.Classifier` (``layer_one``/``rest`` split). The module's ``objective`` is not used: YOPO's
     loss is the cross-entropy on its perturbed inputs.
 
+    Cost per batch: m full forward/backward passes (with g's weight gradients), m·n layer-one forward + input-VJP
+    passes and m layer-one forward/backward passes for its weight gradient; PGD-m costs m forward + input-gradient
+    passes and one training pass. YOPO-m-0 therefore costs about PGD-m, and YOPO-m-n's excess is m(n + 1) layer-one
+    passes, cheap when layer one is small next to the network (the paper's GPUs: "PGD-5 and YOPO-5-3 have
+    approximately the same computational cost"). Measured on one CPU thread with the MNIST SmallCNN (batch 64): a
+    layer-one step costs about 1/6 of a full pass, not the ~1/50 its FLOPs suggest, because its output (32×26×26) is
+    the network's largest activation and oneDNN runs the single-input-channel convolution at a few percent of the
+    throughput it reaches on conv2 (its input-gradient: 5.5 ms for 14.5 M multiply-adds against conv2's full backward,
+    14.8 ms for 680 M); YOPO-5-10 there costs about PGD-10, not PGD-5 (``benchmarks/train_compare.py``).
+
     Args:
         norm: ``"linf"`` (the paper) or ``"l2"``.
         eps: budget (CIFAR 8/255; MNIST 0.3).
@@ -99,31 +109,26 @@ class YOPO(InnerMaximizer):
         eps = as_eps_tensor(self.eps, x)
         sigma = torch.full_like(eps, self.sigma)
         eta = self._geometry.project_ball_box(x, self._geometry.sample(x, eps), eps)
-        first_params = list(model.first.parameters())
-        flags = [p.requires_grad for p in first_params]
         losses, logits = [], None
+        with torch.no_grad():
+            h0 = model.layer_one(x + eta)
         for _ in range(self.m):
-            # Full pass: layer one frozen and its output a leaf, so the backward reaches g only and yields p.
-            for p in first_params:
-                p.requires_grad_(False)
-            try:
-                with torch.no_grad():
-                    h0 = model.layer_one(x + eta)
-                h = h0.detach().requires_grad_(True)
-                logits = model.rest(h)
-                loss = F.cross_entropy(logits, labels)
-                backward(loss)
-            finally:
-                for p, flag in zip(first_params, flags, strict=True):
-                    p.requires_grad_(flag)
+            # Full pass with layer one's output as a leaf: the backward reaches g only and yields p.
+            h = h0.detach().requires_grad_(True)
+            logits = model.rest(h)
+            loss = F.cross_entropy(logits, labels)
+            backward(loss)
             costate = h.grad.detach()
             losses.append(loss.detach())
-            # Inner steps on the Hamiltonian through layer one only; no parameter gradients here.
+            # Inner steps on the Hamiltonian ⟨f0(x + η), p⟩ through layer one only. Its η-gradient is the
+            # vector-Jacobian product of f0 with p, taken directly (no elementwise product with p and its backward on
+            # f0's output, the largest activation of the MNIST SmallCNN); autograd.grad computes no weight gradient.
             for _ in range(self.n):
                 eta.requires_grad_(True)
-                hamiltonian = (model.layer_one(x + eta) * costate).sum()
-                (grad,) = torch.autograd.grad(hamiltonian, eta)
+                (grad,) = torch.autograd.grad(model.layer_one(x + eta), eta, grad_outputs=costate)
                 eta = ascent_step(self._geometry, x, eta.detach(), grad, sigma, eps)
-            # Layer one's weight gradient of the Hamiltonian at the updated perturbation.
-            backward((model.layer_one(x + eta) * costate).sum())
+            # Layer one's weight gradient of the Hamiltonian at the updated perturbation. Its forward is also the next
+            # round's layer-one output at x + η, so the next full pass starts from it (one layer-one forward a round).
+            h0 = model.layer_one(x + eta)
+            backward((h0 * costate).sum())
         return ManualStepOutput(loss=torch.stack(losses).mean(), logits=logits.detach())
