@@ -464,9 +464,18 @@ class TrustRegion(Attack):
         # Samples still correct after the last step: one forward decides whether that step fooled them.
         if len(active) > 0:
             record(active, core.fooled(core.forward(active["x"] + active["delta"]), active.index))
-        if eps_t is not None:
-            return self._project(core, best, success, eps_t)
-        return core.result(best, success, geometry.measure)
+        result = (
+            self._project(core, best, success, eps_t)
+            if eps_t is not None
+            else core.result(best, success, geometry.measure)
+        )
+        # extra["last_iterate"]: every sample's last iterate (its first fooling point where it was fooled), in the box,
+        # before any ε projection. advtrain.maximizers.TRLinf trains the samples left unfooled on it (METHODS.md §3).
+        last = best.clone()
+        if len(active) > 0:
+            last[active.index] = (active["x"] + active["delta"]).clamp(0.0, 1.0)
+        result.extra["last_iterate"] = last.to(result.adv.dtype)
+        return result
 
     def _step(
         self,
