@@ -1,5 +1,6 @@
 """Inner maximizers built on minimal-norm attacks, projected to the training budget: DDN (Rony et al., CVPR 2019)
-and advtrain's TR-L∞ (on Yao et al., CVPR 2019). METHODS.md §2 and §3."""
+and advtrain's TR-L∞ (on Yao et al., CVPR 2019). METHODS.md §2 and §3. They differ in what a sample the attack
+never fooled trains on: DDN returns it unchanged (the official training), TR-L∞ uses the attack's last iterate."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from torch import Tensor, nn
 from advtrain.attacks.ddn import DDN as DDNAttack
 from advtrain.attacks.trust_region import TrustRegion
 from advtrain.engine.modes import attack_context
+from advtrain.engine.result import AttackResult
 from advtrain.maximizers.base import InnerMaximizer, Perturbation
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import as_eps_tensor
 
 
 class _ProjectedMinimalNorm(InnerMaximizer):
-    """Runs a minimal-norm attack in eval mode with frozen parameters, then shrinks each perturbation into the
-    ε-ball (projection only ever shrinks: a perturbation already inside is kept). Samples the attack never fooled
-    come back unchanged and are trained on clean."""
+    """Runs a minimal-norm attack in eval mode with frozen parameters, then shrinks each training point into the
+    ε-ball and the box (the projection only ever shrinks: a perturbation already inside is kept). Which point a
+    sample the attack never fooled trains on is the subclass's decision (:meth:`_start_point`)."""
 
     norm: str
     _inner: object  # the attack, set by subclasses
@@ -28,8 +30,12 @@ class _ProjectedMinimalNorm(InnerMaximizer):
         eps = as_eps_tensor(self.eps, inputs)
         with attack_context(model, "eval"):
             result = self._inner(model, inputs, labels)
-        delta = geometry.project_ball_box(inputs, result.adv - inputs, eps)
+        delta = geometry.project_ball_box(inputs, self._start_point(result) - inputs, eps)
         return Perturbation(adv=(inputs + delta).clamp(0.0, 1.0), eps=eps)
+
+    def _start_point(self, result: AttackResult) -> Tensor:
+        """The point to project: the attack's output (a never-fooled sample comes back unchanged)."""
+        return result.adv
 
 
 class DDN(_ProjectedMinimalNorm):
@@ -37,8 +43,12 @@ class DDN(_ProjectedMinimalNorm):
 
     DDN (``steps`` iterations, γ, cosine step 1 → 0.01, 256-level quantisation) finds the smallest adversarial
     perturbation it can; it is then renormalised down to ‖δ‖₂ ≤ ε and the model trains on the adversarial examples
-    only. Inside the ε-ball this gives the minimal-norm point (near the boundary), not the max-loss point; samples
-    DDN never fools, and those beyond ε after projection that stop fooling, train (nearly) clean.
+    only. Inside the ε-ball this gives the minimal-norm point (near the boundary), not the max-loss point.
+
+    Decision (METHODS.md §2, as the official training code): a sample DDN never fools comes back unchanged and trains
+    clean; advtrain does not substitute DDN's last iterate (unlike :class:`TRLinf`). With 100 steps DDN's radius grows
+    by up to 5% per step, so on a trained network such samples are rare; samples whose minimal perturbation is longer
+    than ε, shrunk into the ball, may stop fooling and then train near the boundary.
 
     Reported: CIFAR-10 (WRN-28-10, ε = 1.0, 30 adversarial epochs after standard training) 89.05% clean / 67.6% at
     L2 0.5 (66.44% AutoAttack); MNIST (ε = 2.4, 50 epochs) 87.2% robust at ε = 1.5.
@@ -63,23 +73,53 @@ class TRLinf(_ProjectedMinimalNorm):
     """advtrain's TR-L∞ maximizer (METHODS.md §3: no official recipe exists).
 
     The trust-region attack (L∞, first order, adaptive radius, best class) runs for a fixed small budget of
-    ``steps`` iterations; its perturbation is clipped to [x − ε, x + ε] and the box, and the model trains on the
-    result. Samples still unfooled after the budget train clean. The seed's appendix trains with ABSA, whose code uses
-    FGSM; this design is advtrain's, and its strength must be shown by evaluation (``benchmarks/train_compare.py``).
+    ``steps`` iterations; each sample's point is clipped to [x − ε, x + ε] and the box, and the model trains on the
+    result. A fooled sample's point is its first fooling point (the minimal-norm one the attack found); a sample
+    still unfooled after the budget uses the attack's **last iterate** (``AttackResult.extra["last_iterate"]``).
+
+    Decision: METHODS.md §3 defines the design as "run TR with a fixed small budget, project to the ε-ball, train
+    on the result", i.e. on where the budget left each sample. Returning an unfooled sample unchanged (a minimal-norm
+    attack's evaluation contract) would train exactly the samples the attack found hardest on clean inputs, and with
+    a small budget that is most of them: the model then trains (nearly) clean and has no robustness. The last iterate
+    is not grown further into the ball: TR-L∞ stays a projection of what the trust-region steps found, and how far
+    they reach is set by the budget and the radius (about ``steps`` × the radius cap), so ``radius_bounds`` should
+    let ``steps`` iterations reach ε (MNIST ε = 0.3 with 10 steps: radius 0.03, cap 0.1; the reference bounds
+    [1e-4, 1e-2] suit CIFAR's 8/255). The seed's appendix trains with ABSA, whose code uses FGSM; this design is
+    advtrain's, and its strength must be shown by evaluation (``benchmarks/train_compare.py``).
 
     Args:
         eps: L∞ budget (CIFAR 8/255, MNIST 0.3).
         steps: trust-region iterations per batch.
         radius: initial trust radius.
+        radius_bounds: (min, max) of the adaptive radius; ``None`` for the reference L∞ bounds (1e-4, 1e-2).
         order: 1 or 2 (second order needs a smooth model).
     """
 
     def __init__(
-        self, *, eps: float = 8 / 255, steps: int = 10, radius: float = 1e-3, order: Literal[1, 2] = 1
+        self,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 10,
+        radius: float = 1e-3,
+        radius_bounds: tuple[float, float] | None = None,
+        order: Literal[1, 2] = 1,
     ) -> None:
         self.norm = "linf"
         self.eps = float(eps)
         self.steps = int(steps)
         self.radius = float(radius)
+        self.radius_bounds = None if radius_bounds is None else (float(radius_bounds[0]), float(radius_bounds[1]))
         self.order = order
-        self._inner = TrustRegion(norm="linf", steps=steps, radius=radius, order=order, adaptive=True, target="best")
+        self._inner = TrustRegion(
+            norm="linf",
+            steps=steps,
+            radius=radius,
+            radius_bounds=self.radius_bounds,
+            order=order,
+            adaptive=True,
+            target="best",
+        )
+
+    def _start_point(self, result: AttackResult) -> Tensor:
+        """The first fooling point where the attack fooled the sample, its last iterate elsewhere."""
+        return result.extra["last_iterate"]
