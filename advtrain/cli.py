@@ -133,50 +133,92 @@ class AdvTrainer(pl.Trainer):
         output: str | None = None,
         trust_checkpoint: bool = False,
         progress: bool = True,
+        suite: Literal["quick", "standard", "full"] | None = None,
+        eps_grid: list[float] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        cascade: bool = True,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        resume: bool = False,
+        plots: bool = True,
     ) -> dict[str, Any]:
-        """Evaluate a checkpoint: clean accuracy and robust accuracy under PGD (or the given attacks).
+        """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
+        attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
+        ``report.md``, ``accuracy_vs_eps.png`` and ``minimal_norms.png``.
 
         Args:
-            model: used only when no checkpoint is given.
+            model: used only when no checkpoint is given, or as the architecture of a plain state dict.
             datamodule: provides the evaluation split.
-            ckpt_path: an advtrain ``.ckpt``; its architecture and threat model are restored from it.
+            ckpt_path: an advtrain ``.ckpt`` (architecture and threat model are restored from it), or a plain state
+                dict (RobustBench style, read with ``weights_only=True``; ``state_dict``/``model`` wrappers and
+                ``module.`` prefixes are removed) for the model given by ``--arch`` or the config.
             split: ``"test"`` or ``"val"``.
-            norm: threat model of the default PGD attack (default: the checkpoint's validation attack).
-            eps: its budget (default: the checkpoint's validation attack).
-            steps: PGD steps of the default attack.
+            norm: threat model (default: the checkpoint's validation attack).
+            eps: main budget (default: the checkpoint's validation attack).
+            steps: PGD steps of the default attack (without ``--suite``/``--attacks``).
             restarts: PGD restarts of the default attack.
             attacks: explicit attacks instead of the default PGD.
             max_samples: evaluate only the first samples of the split.
-            output: folder for ``report.json``/``report.md`` (default: next to the checkpoint).
+            output: folder for the report (default: next to the checkpoint, ``<ckpt>-eval``).
             trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
             progress: show a progress bar.
+            suite: ``quick`` (PGD-20), ``standard`` (APGD-CE + APGD-DLR) or ``full`` (the whole zoo).
+            eps_grid: budgets of the accuracy-versus-ε curves (default with a suite: ε·(1/4, 1/2, 3/4, 1)).
+            overrides: per-attack hyperparameters of the suite, e.g. ``{"square": {"steps": 200}}``.
+            cascade: budgeted attacks only attack the samples still robust.
+            arch: registered model name for a plain state dict (default: the config's ``model.arch``).
+            arch_kwargs: its extra keyword arguments.
+            batch_size: attack batch size (default: the datamodule's evaluation batch size).
+            seed: seed of the suite's stochastic attacks.
+            resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
+            plots: write the PNG plots.
         """
         from advtrain.attacks import PGD
         from advtrain.evaluation import evaluate_robustness, write_report
-        from advtrain.training.checkpoint import load_training_module
 
-        if ckpt_path is not None:
-            model = load_training_module(ckpt_path, trust=trust_checkpoint)
-        else:
-            log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
-        if not attacks:
-            base = model.val_attack
-            norm = norm or getattr(base, "norm", None)
-            eps = eps if eps is not None else getattr(base, "eps", None)
+        configured = model
+        model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
+        # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
+        base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
+        norm = norm or getattr(base, "norm", None)
+        eps = eps if eps is not None else getattr(base, "eps", None)
+        named = {_attack_name(a, i): a for i, a in enumerate(attacks or [])} or None
+        if named is None:
             if norm is None or eps is None:
-                raise ValueError("evaluate: the checkpoint has no validation attack; pass --norm and --eps.")
-            attacks = [PGD(norm=norm, eps=eps, steps=steps, restarts=restarts, seed=0)]
-        named = {_attack_name(a, i): a for i, a in enumerate(attacks)}
+                raise InvalidConfigError("evaluate: the checkpoint has no validation attack; pass --norm and --eps.")
+            if suite is None:
+                named = {
+                    _attack_name(a, 0): a for a in [PGD(norm=norm, eps=eps, steps=steps, restarts=restarts, seed=0)]
+                }
+            elif eps_grid is None:
+                eps_grid = [eps * k / 4 for k in (1, 2, 3, 4)]
+        entries = None
+        if named is None:
+            from advtrain.evaluation import build_suite
+
+            entries = build_suite(suite, norm=norm, eps=eps, seed=seed, overrides=overrides)
         datamodule.prepare_data()
         datamodule.setup("test" if split == "test" else "validate")
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         device = _device(self)
-        report = evaluate_robustness(model.model, loader, named, device=device, max_samples=max_samples,
-                                     progress=progress)  # fmt: skip
         if output is None:
             output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
-        meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device)}
-        folder = write_report(report, output, meta)
+        meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device),
+                "suite": suite}  # fmt: skip
+        report = evaluate_robustness(
+            model.model if isinstance(model, AdversarialTraining) else model, loader, named or entries, norm=norm,
+            eps=eps, eps_grid=eps_grid, cascade=cascade, batch_size=batch_size, device=device,
+            max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
+        )  # fmt: skip
+        folder = write_report(report, output, plots=plots)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                from advtrain.callbacks.robust import log_report_to_wandb
+
+                logger.log_metrics(report.scalars(), step=0)
+                log_report_to_wandb(logger, report)
         data = report.as_dict()
         log.info(
             "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
@@ -184,6 +226,29 @@ class AdvTrainer(pl.Trainer):
             folder,
         )  # fmt: skip
         return data
+
+
+def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
+    """The model to evaluate: an advtrain checkpoint's module, or a plain state dict loaded into ``--arch`` (or the
+    config's model), or, without a checkpoint, the config's (untrained) model."""
+    from advtrain.training.checkpoint import load_training_module, read_checkpoint
+    from advtrain.training.module import _build_model, _load_classifier_weights
+
+    if ckpt_path is None:
+        log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
+        return model
+    ckpt = read_checkpoint(ckpt_path, trust=trust)
+    if arch is None and "state_dict" in ckpt and "hyper_parameters" in ckpt:
+        return load_training_module(ckpt_path, trust=trust)
+    if arch is not None:
+        facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
+        classifier = _build_model(arch, arch_kwargs or {}, *facts)
+    else:
+        classifier = model.model
+    _load_classifier_weights(classifier, ckpt_path)  # weights_only=True, unwraps state_dict/model and module.
+    if arch is None:
+        return model
+    return classifier.eval()
 
 
 def _attack_name(attack: Attack, i: int) -> str:

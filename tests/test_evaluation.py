@@ -97,7 +97,7 @@ def test_worst_case_never_exceeds_any_single_attack(normal_report):
     # The worst case is per sample, not the minimum of the per-attack accuracies: recompute it from the records.
     data = normal_report.data
     best = data["norms"].flatten(1).amin(1)
-    for g, eps in enumerate(GRID):
+    for eps in GRID:
         expected = (data["correct"] & ~within(best, eps)).float().mean()
         assert s["robust_accuracy_all_by_eps"][f"{eps:.4g}"] == pytest.approx(float(expected))
     # And it is monotone in ε, reaching 0 at the largest budget on this easy problem.
