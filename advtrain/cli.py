@@ -212,7 +212,7 @@ class AdvTrainer(pl.Trainer):
             eps=eps, eps_grid=eps_grid, cascade=cascade, batch_size=batch_size, device=device,
             max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
         )  # fmt: skip
-        folder = write_report(report, output, plots=plots)
+        folder = write_report(report, output, meta, plots=plots)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 from advtrain.callbacks.robust import log_report_to_wandb

@@ -91,6 +91,31 @@ def test_callback_runs_under_inference_mode_in_validate_and_test(tmp_path):
     assert "robust/pgd20/acc@0.1" in trainer.callback_metrics
 
 
+def test_callback_logs_table_and_plot_to_wandb(tmp_path):
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    callback = _callback()
+    logger = WandbLogger(project="advtrain-test", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(limit_val_batches=1, logger=logger, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    try:
+        trainer.validate(AdversarialTraining(), datamodule=MNIST5kDataModule(batch_size=32, num_workers=0))
+        summary = dict(logger.experiment.summary)
+    finally:
+        wandb.finish()
+    assert "robust/All/acc@0.1" in summary and "robust/pgd20/acc@0.05" in summary
+    assert summary["robust/accuracy_vs_eps_table"]["_type"] == "table-file"
+    assert summary["robust/accuracy_vs_eps_figure"]["_type"] == "image-file"
+
+
+def test_callback_needs_a_threat_model_or_a_val_attack(tmp_path):
+    callback = RobustEvaluation(suite="quick", num_samples=4)
+    trainer = _trainer(tmp_path, callback)
+    with pytest.raises(ValueError, match="needs a threat model"):
+        trainer.validate(AdversarialTraining(), datamodule=MNIST5kDataModule(batch_size=32, num_workers=0))
+
+
 def test_callback_respects_every_n_epochs(tmp_path):
     callback = _callback(every_n_epochs=2)
     trainer = _trainer(tmp_path, callback)

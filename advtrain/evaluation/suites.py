@@ -70,7 +70,7 @@ _MINIMAL = [
     SuiteEntry("deepfool", "deepfool", {"steps": 50}, role="minimal"),
     SuiteEntry("cw_l2", "cw_l2", {"steps": 100, "binary_search_steps": 5, "initial_const": 0.1}, role="minimal"),
     SuiteEntry("ddn", "ddn", {"steps": 100}, role="minimal"),
-    SuiteEntry("tr", "tr", {"steps": 100}, role="minimal"),
+    SuiteEntry("tr", "tr", {"steps": 300}, role="minimal"),
     SuiteEntry("strattack", "strattack", {"steps": 50, "binary_search_steps": 3}, role="minimal"),
     SuiteEntry(
         "anpgd",
