@@ -49,3 +49,22 @@ def test_bf16_autocast_keeps_perturbation_in_float32_and_inside_the_ball():
     assert pert.adv.dtype == torch.float32 and (pert.adv - x).abs().max() <= 0.1 + 1e-6
     with pytest.raises(ValueError, match="Unknown autocast"):
         PGD(eps=0.1, autocast="fp8")
+
+
+def test_a_model_returning_probabilities_is_detected_with_a_warning():
+    """Softmax outputs instead of logits are gradient masking waiting to happen: the core warns, naming the fix;
+    a normal classifier does not trigger it."""
+    import warnings
+
+    from advtrain.engine.checks import ProbabilitiesWarning
+
+    torch.manual_seed(0)
+    base = TinyCNN().eval()
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.randint(0, 10, (8,))
+    probs = torch.nn.Sequential(base, torch.nn.Softmax(dim=1))
+    with pytest.warns(ProbabilitiesWarning, match="Remove the final softmax"):
+        PGD(eps=0.1, steps=2, seed=0)(probs, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbabilitiesWarning)
+        PGD(eps=0.1, steps=2, seed=0)(base, x, y)

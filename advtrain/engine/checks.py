@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -49,3 +51,34 @@ def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None
             f"labels must lie in [0, {num_classes - 1}] for a {num_classes}-class model, but range over "
             f"[{lo}, {hi}]. Check that the model's num_classes matches the dataset."
         )
+
+
+class ProbabilitiesWarning(UserWarning):
+    """The model seems to return probabilities (softmax outputs) where logits are expected."""
+
+
+def warn_if_probabilities(outputs: Tensor) -> bool:
+    """Warns (once per call site) when a model's outputs look like probabilities rather than logits: every row in
+    [0, 1] and summing to 1. Attacks and losses then work on a saturated softmax, whose gradients vanish — the
+    classic source of gradient masking — and cross-entropy is applied twice. Returns whether it warned.
+
+    A logit vector meets this test only by accident (all K logits in [0, 1] with sum exactly 1), so the check does
+    not fire on real classifiers.
+    """
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or not torch.is_floating_point(outputs):
+        return False
+    out = outputs.detach().float()
+    lo, hi = torch.aminmax(out)
+    if float(lo) < 0.0 or float(hi) > 1.0:
+        return False
+    if not torch.allclose(out.sum(dim=1), torch.ones(out.shape[0], device=out.device), atol=1e-4):
+        return False
+    warnings.warn(
+        "The model's outputs lie in [0, 1] and sum to 1 per sample: it seems to return probabilities, not logits. "
+        "advtrain's losses and attacks expect logits (the softmax is applied inside the loss); on probabilities "
+        "the gradients saturate, attacks look weaker than they are (gradient masking) and cross-entropy is "
+        "applied twice. Remove the final softmax from the model (return the pre-softmax scores).",
+        ProbabilitiesWarning,
+        stacklevel=3,
+    )
+    return True

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabilities
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
@@ -145,10 +145,12 @@ class AttackCore:
         return fused(fn) if self.compile else fn
 
     def logits(self, points: Tensor) -> Tensor:
-        """Float32 logits of ``points`` (one counted forward per row); the first call checks the labels."""
+        """Float32 logits of ``points`` (one counted forward per row); the first call checks the labels and warns if
+        the model returns probabilities instead of logits."""
         logits = logits_of(self.model, points.to(self.dtype), self.counter, autocast=self.autocast)
         if not self._labels_checked:
             check_labels(self.y, logits.shape[1], self.batch)
+            warn_if_probabilities(logits)
             self._labels_checked = True
         return logits
 
