@@ -200,6 +200,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~26 s alone, 40+ s on a busy machine: process start-up and imports dominate
 def test_two_process_ddp_gives_the_single_process_numbers(tmp_path):
     import socket
 
