@@ -175,6 +175,15 @@ class AdvTrainer(pl.Trainer):
             resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
             plots: write the PNG plots.
         """
+        import torch.distributed as dist
+
+        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            # Multi-process (--trainer.strategy ddp --trainer.devices N): Lightning's launcher starts the ranks, each
+            # attacks whole batches of the split and the records are gathered exactly (no padded duplicates).
+            from pytorch_lightning.trainer import call
+
+            kwargs = {k: v for k, v in locals().items() if k not in ("self", "dist", "call")}
+            return call._call_and_handle_interrupt(self, self._distributed_evaluate, **kwargs)
         from advtrain.attacks import PGD
         from advtrain.evaluation import evaluate_robustness, write_report
 
@@ -212,6 +221,9 @@ class AdvTrainer(pl.Trainer):
             eps=eps, eps_grid=eps_grid, cascade=cascade, batch_size=batch_size, device=device,
             max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
         )  # fmt: skip
+        data = report.as_dict()
+        if not self.is_global_zero:
+            return data
         folder = write_report(report, output, meta, plots=plots)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
@@ -219,13 +231,17 @@ class AdvTrainer(pl.Trainer):
 
                 logger.log_metrics(report.scalars(), step=0)
                 log_report_to_wandb(logger, report)
-        data = report.as_dict()
         log.info(
             "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
             100 * data["clean_accuracy"], 100 * data["robust_accuracy_all"], data["samples"], data["wall_time_s"],
             folder,
         )  # fmt: skip
         return data
+
+    def _distributed_evaluate(self, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`evaluate` inside a rank started by Lightning's launcher, once the process group is up."""
+        self.strategy.setup_environment()
+        return self.evaluate(**kwargs)
 
 
 def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
