@@ -200,7 +200,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # ~26 s alone, 40+ s on a busy machine: process start-up and imports dominate
 def test_two_process_ddp_gives_the_single_process_numbers(tmp_path):
     import socket
 
@@ -213,3 +212,29 @@ def test_two_process_ddp_gives_the_single_process_numbers(tmp_path):
         ddp = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
         assert ddp == single
     assert single["samples"] == 50 and 0 < single["robust_accuracy_all_by_eps"]["0.03"] < 1
+
+
+@pytest.mark.slow  # two CLI runs, one of them launching 2 processes: about a minute
+def test_evaluate_subcommand_under_two_process_ddp_matches_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, in_channels=1, input_size=28)
+    path = tmp_path / "plain.pt"
+    torch.save(net.state_dict(), path)
+    args = [sys.executable, "-m", "advtrain", "evaluate", "--config", QUICKSTART, "--trainer.logger", "false",
+            "--ckpt_path", str(path), "--arch", "small_cnn", "--suite", "quick", "--eps", "0.1", "--eps_grid",
+            "[0.05, 0.1]", "--overrides", '{"pgd20": {"steps": 3}}', "--max_samples", "45", "--batch_size", "10",
+            "--progress", "false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    reports = {}
+    for name, extra in {"one": [], "ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2",
+                                           "--trainer.accelerator", "cpu"]}.items():  # fmt: skip
+        subprocess.run([*args, *extra, "--output", str(tmp_path / name)], cwd=tmp_path, env=env, check=True)
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        report.pop("wall_time_s")
+        for a in report["attacks"].values():
+            a.pop("seconds")
+        reports[name] = report
+    assert reports["ddp"] == reports["one"] and reports["ddp"]["samples"] == 45
