@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from advtrain.attacks.anpgd import ANPGD
@@ -29,8 +30,11 @@ class MMA(InnerMaximizer, nn.Module):
 
     Decisions (METHODS.md §5): all attack forwards run in eval mode and points are clipped to [0, 1] (the official
     code bisects in train mode and does not clip); the correct/incorrect split uses an eval-mode clean forward; the
-    bisection finds the decision boundary (AN-PGD's docstring says why). Not yet handled: under DDP the margins must
-    be all-gathered by index on every update, or other ranks' writes are lost.
+    bisection finds the decision boundary (AN-PGD's docstring says why).
+
+    Under ``torch.distributed`` (DDP) every update all-gathers the (index, new margin) pairs of all ranks before writing
+    the buffer, so every rank holds what one process would hold after seeing the same samples (DDP also broadcasts rank
+    0's buffers, which would otherwise drop the other ranks' writes).
 
     Args:
         norm: ``"linf"`` or ``"l2"``.
@@ -95,8 +99,33 @@ class MMA(InnerMaximizer, nn.Module):
             adv[correct] = result.adv
         use_adv = correct & (eps_star < self.max_eps)
         adv = torch.where(use_adv.view(-1, *([1] * (inputs.ndim - 1))), adv, inputs.detach())
-        self.margins[index] = eps_star.to(self.margins.device)
+        index, eps_star_all = _all_gather_pairs(index, eps_star.to(self.margins.device))
+        self._grow(int(index.max()) + 1)
+        self.margins[index] = eps_star_all
         return Perturbation(adv=adv, eps=eps_star, extra={"correct": correct, "use_adv": use_adv})
 
     def __repr__(self) -> str:
         return InnerMaximizer.__repr__(self)
+
+
+def _all_gather_pairs(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The (index, value) pairs of every rank, concatenated in rank order (unchanged without a process group).
+
+    Ranks may hold batches of different sizes (the last one), so the pairs are padded to the largest before the
+    all-gather and cut back after it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return index, values
+    world = dist.get_world_size()
+    count = torch.tensor([index.numel()], device=index.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    pairs = torch.zeros(2, longest, dtype=torch.float64, device=index.device)
+    pairs[0, : index.numel()] = index.double()  # exact for indices below 2**53
+    pairs[1, : index.numel()] = values.double()  # float32 margins round-trip exactly through float64
+    gathered = [torch.empty_like(pairs) for _ in range(world)]
+    dist.all_gather(gathered, pairs)
+    joined = torch.cat([g[:, :n] for g, n in zip(gathered, sizes, strict=True)], dim=1)
+    return joined[0].long(), joined[1].to(values.dtype)
