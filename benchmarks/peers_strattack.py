@@ -6,7 +6,8 @@ at the same budget (ADMM iterations per search step, binary-search steps; the re
 * advtrain ``StrAttack`` without refinement vs adv-lib ``str_attack(retrain=False)``;
 * advtrain ``StrAttack`` with the refined attack vs adv-lib ``str_attack(retrain=True)``;
 * each advtrain row twice: with its default η_k = η·k and with the authors' η_k = η·√k (adv-lib's schedule);
-* optionally (``--overlap``) both with overlapping 3×3 stride-2 groups;
+* optionally (``--overlap``) both with overlapping 3×3 stride-2 groups, advtrain scoring its group-sparse iterate (the
+  default) and, like adv-lib, its dense one (``scored="dense"``);
 * adv-lib ``carlini_wagner_l2`` (Adam) at the same iterations and search steps, for the L0 comparison of Table 1:
   StrAttack should be far sparser (L0) at a comparable L2.
 
@@ -15,7 +16,8 @@ success rate, means over successes of the L0/L1/L2/L∞ sizes of the perturbatio
 median L2 over all samples with failures as +inf, forward/backward passes (counted by a wrapper around the model, so
 the same way for every library), wall time, and the advtrain/adv-lib ratios of median L2 and wall time.
 
-    OMP_NUM_THREADS=1 python benchmarks/peers_strattack.py [--n 100] [--steps 200] [--search 5] [--overlap]
+    OMP_NUM_THREADS=1 python benchmarks/peers_strattack.py [--n 100] [--steps 200] [--search 5]
+        [--overlap | --only-overlap]
 
 Writes ``benchmarks/results/peers_strattack.json``.
 """
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--search", type=int, default=5, help="binary-search steps on c")
     parser.add_argument("--const", type=float, default=0.5, help="initial c (paper: 0.5 on MNIST)")
     parser.add_argument("--overlap", action="store_true", help="also compare overlapping 3x3 stride-2 groups")
+    parser.add_argument("--only-overlap", action="store_true", help="only the overlapping-group rows (and C&W)")
     parser.add_argument("--no-refine", action="store_true", help="skip the refined-attack rows (adv-lib: 8x400)")
     parser.add_argument("--cw-lr", type=float, default=0.05, help="Adam step of C&W L2 at this short budget")
     opts = parser.parse_args()
@@ -94,18 +97,20 @@ def main() -> None:
     # adv-lib's refinement is fixed at 8 search steps x 400 iterations; advtrain's is given the same budget.
     refine = dict(refine_steps=400, refine_search_steps=8)
     # (row name, advtrain arguments, adv-lib arguments); adv-lib runs are shared between rows with equal arguments.
-    pairs = [
+    pairs = [] if opts.only_overlap else [
         ("StrAttack", dict(refine=False), dict(retrain=False)),
         ("StrAttack, eta*sqrt(k)", dict(refine=False, eta_growth="sqrt"), dict(retrain=False)),
-    ]
-    if not opts.no_refine:
+    ]  # fmt: skip
+    if not opts.no_refine and not opts.only_overlap:
         pairs += [
             ("StrAttack + refine", dict(refine=True, **refine), dict(retrain=True)),
             ("StrAttack + refine, eta*sqrt(k)", dict(refine=True, eta_growth="sqrt", **refine), dict(retrain=True)),
         ]
-    if opts.overlap:
+    if opts.overlap or opts.only_overlap:
+        overlap_peer = dict(retrain=False, group_size=3, stride=2)
+        pairs.append(("StrAttack overlap", dict(refine=False, overlap=True), overlap_peer))
         pairs.append(
-            ("StrAttack overlap", dict(refine=False, overlap=True), dict(retrain=False, group_size=3, stride=2))
+            ("StrAttack overlap, scored dense", dict(refine=False, overlap=True, scored="dense"), overlap_peer)
         )
 
     rows, peers = [], {}

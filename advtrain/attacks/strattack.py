@@ -176,7 +176,8 @@ class StrAttack(Attack):
       iteration. adv-lib scores the dense z iterate at the gradient's forward instead. With non-overlapping groups
       the two give the same L2 (advtrain 0.96× adv-lib's median on the reference SmallCNN, at equal passes); with
       overlapping 3×3 stride-2 groups the union-of-groups zero pattern makes advtrain's points half as dense (L0 79
-      vs 159 pixels) at a 9% larger median L2 (``benchmarks/peers_strattack.py --overlap``).
+      vs 159 pixels) at a 9% larger median L2 (``benchmarks/peers_strattack.py --overlap``). ``scored="dense"``
+      scores z like adv-lib (keeping z in the box and the ε cube after each z-step, and saving the extra forward).
     * **η_k schedule**: eq. (14) only asks for a decaying 1/η_k "e.g. η_k = η·k" in advtrain's reading of seed 002
       (ATTACKS.md), which is the default (``eta_growth="linear"``). The authors' code and adv-lib use
       ``η_k = η·√k`` (``eta_growth="sqrt"``; the plain-text seed may have lost a radical there). On the reference
@@ -223,6 +224,9 @@ class StrAttack(Attack):
         eps: optional L∞ cap on δ (the paper's ε clip); ``None`` means no cap. A per-call ``eps`` (scalar or (B,))
             overrides it.
         warm_start: keep the ADMM state across binary-search steps instead of restarting from zero.
+        scored: ``"sparse"`` scores the group-sparse y iterate (one extra forward per iteration); ``"dense"`` scores
+            the z iterate at the forward its gradient needs (no extra pass), z being kept in the box and ε cube
+            after each z-step, as adv-lib does (see "Which iterate is scored").
         autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is unused).
 
     Returns (from ``__call__``):
@@ -257,6 +261,7 @@ class StrAttack(Attack):
         targeted: bool = False,
         eps: float | None = None,
         warm_start: bool = False,
+        scored: Literal["sparse", "dense"] = "sparse",
         autocast: Literal["bf16", "fp16"] | None = None,
         compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
@@ -269,6 +274,8 @@ class StrAttack(Attack):
             raise ValueError("refine_steps and refine_search_steps must be >= 1 when refine=True.")
         if initial_const <= 0 or rho <= 0 or eta <= 0 or tau < 0 or gamma < 0:
             raise ValueError("initial_const, rho and eta must be > 0; tau and gamma >= 0.")
+        if scored not in ("sparse", "dense"):
+            raise ValueError(f"scored must be 'sparse' or 'dense', got {scored!r}.")
         if eta_growth not in ("sqrt", "linear"):
             raise ValueError(f"eta_growth must be 'sqrt' or 'linear', got {eta_growth!r}.")
         if not 0.0 <= refine_quantile < 1.0:
@@ -297,6 +304,7 @@ class StrAttack(Attack):
         self.targeted = bool(targeted)
         self.eps = None if eps is None else float(eps)
         self.warm_start = bool(warm_start)
+        self.scored = scored
         self._geometry = geometry_for("l2")
 
     # ----------------------------------------------------------------------------------------------- groups
@@ -375,6 +383,7 @@ class StrAttack(Attack):
         d_scale = rho / (rho + 2.0 * self.gamma)
         threshold = self.tau / rho
         denom_groups = rho * (2.0 + groups.counts)
+        dense = self.scored == "dense"
         # Every sample stays active: the attack minimises the norm of fooled samples too.
         st = core.everyone(x=x, y=core.y, lower=lower, upper=upper)
 
@@ -384,14 +393,22 @@ class StrAttack(Attack):
             delta = d_scale * (z - u)
             w = torch.minimum(torch.maximum(z - w_dual, s["lower"]), s["upper"])
             y_blocks = groups.soft_threshold(s["z_blocks"] - v, threshold)
-            grad, _ = self._gradient(core, s, z, s["c"])
+            grad, logits = self._gradient(core, s, z, s["c"])
+            if dense:  # the point of this gradient is the scored iterate (z stays in the box and the ε cube)
+                fooled = self._fooled(logits, s["y"])
+                tracker.update(s.index, s["x"] + z, flat_norm(z, 2.0), fooled)
+                s["fooled"] = s["fooled"] | fooled
             y_sum = groups.merge(y_blocks + v)
             z_new = (eta_k * z + rho * (delta + u + w + w_dual + y_sum) - grad) / (eta_k + denom_groups)
+            if dense:
+                z_new = torch.minimum(torch.maximum(z_new, s["lower"]), s["upper"])
             s["z_blocks"] = groups.split(z_new)
             s["u"] = u + delta - z_new
             s["s"] = w_dual + w - z_new
             s["v"] = v + y_blocks - s["z_blocks"]
             s["z"] = z_new
+            if dense:
+                return
             # Score the group-sparse iterate, clipped to the box and the ε cube (zeros stay zero).
             candidate = self._sparse_iterate(groups, y_blocks)
             candidate = torch.minimum(torch.maximum(candidate, s["lower"]), s["upper"])
