@@ -13,8 +13,10 @@ The variants show the seed's cost claims side by side: YOPO-5-3 and YOPO-5-10 ag
 passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), and Fast AT against PGD-10.
 
     python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--tr-steps 100]
+    python benchmarks/train_compare.py --cost-only [--cost-batches 10] [--cost-rounds 3] [--methods ...]
 
-Prints a markdown table and writes ``train_compare.json``.
+Prints a markdown table and writes ``train_compare.json`` (``--cost-only``: the training time per batch of each method,
+measured in alternation, and ``train_compare_cost.json``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ METHODS: dict[str, tuple[str | None, list[str]]] = {
 TR_EPS = (0.1, 0.2, 0.3)
 
 
-def train(method: str, epochs: int, workdir: Path) -> tuple[torch.nn.Module, list[float]]:
+def train(method: str, epochs: int, workdir: Path, extra: tuple[str, ...] = ()) -> tuple[torch.nn.Module, list[float]]:
     from advtrain.callbacks import EpochTimer
     from advtrain.cli import main
 
@@ -64,7 +66,7 @@ def train(method: str, epochs: int, workdir: Path) -> tuple[torch.nn.Module, lis
         args += ["--config", str(ROOT / "configs" / "maximizer" / fragment)]
     args += overrides
     args += ["--trainer.max_epochs", str(epochs), "--trainer.logger", "false", "--run_name", f"compare-{method}",
-             "--trainer.enable_progress_bar", "false"]  # fmt: skip
+             "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
@@ -119,6 +121,24 @@ def minimal_norm_curve(model: torch.nn.Module, steps: int) -> dict[str, float]:
     return out
 
 
+def cost_per_batch(methods: list[str], batches: int, rounds: int, workdir: Path) -> list[dict[str, float]]:
+    """Training time per batch of each method, measured ``rounds`` times in alternation (method 1, 2, …, 1, 2, …) on
+    ``batches`` batches without validation; the median over rounds. On a shared machine the load drifts over the
+    minutes a full comparison takes, so epoch times measured one method after another compare less well than this."""
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    extra = ("--trainer.limit_train_batches", str(batches), "--trainer.limit_val_batches", "0")
+    for _ in range(rounds):
+        for method in methods:
+            torch.manual_seed(0)
+            _, epoch = train(method, 1, workdir, extra)
+            seconds[method].append(epoch[0] / batches)
+    base = statistics.median(seconds["pgd5"]) if "pgd5" in seconds else float("nan")
+    return [
+        {"method": m, "batch_ms": 1e3 * statistics.median(s), "cost_vs_pgd5": statistics.median(s) / base}
+        for m, s in seconds.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -126,10 +146,19 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--tr-steps", type=int, default=100)
+    parser.add_argument("--cost-only", action="store_true", help="only the interleaved cost per batch")
+    parser.add_argument("--cost-batches", type=int, default=10)
+    parser.add_argument("--cost-rounds", type=int, default=3)
     opts = parser.parse_args()
     from _common import write_table
 
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if opts.cost_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = cost_per_batch(opts.methods, opts.cost_batches, opts.cost_rounds, Path(tmp))
+        write_table("train_compare_cost", rows, ["method", "batch_ms", "cost_vs_pgd5"])
+        return
+
     missing = [m for m in opts.methods if METHODS[m][0] and not (ROOT / "configs/maximizer" / METHODS[m][0]).is_file()]
     if missing:
         print(f"skipping {missing}: their configs/maximizer fragments do not exist yet", file=sys.stderr)
