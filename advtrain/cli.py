@@ -116,7 +116,23 @@ class AdvArgumentParser(LightningArgumentParser):
 
 
 class AdvTrainer(pl.Trainer):
-    """Lightning's Trainer with advtrain's ``evaluate`` subcommand."""
+    """Lightning's Trainer with advtrain's ``evaluate`` subcommand and exact resume (a stateful training loader, RNG
+    streams, running metrics and the W&B run id saved in checkpoints: :mod:`advtrain.training.resume`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from advtrain.training.resume import ExactResume, install_resumable_fit_loop
+
+        install_resumable_fit_loop(self)
+        from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from advtrain.training.checkpoint import AtomicCheckpointIO
+
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO plugin is kept
+            self.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(cb, ExactResume) for cb in self.callbacks):
+            # First: its state must be complete before ModelCheckpoint (always last) writes a checkpoint.
+            self.callbacks.insert(0, ExactResume())
 
     def evaluate(
         self,
@@ -339,16 +355,54 @@ class AdvTrainCLI(LightningCLI):
 
     after_fit = after_validate = after_test = _after
 
+    def before_fit(self) -> None:
+        """On resume (``--ckpt_path``), the W&B logger continues the checkpoint's run instead of starting a new one."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            return
+        from advtrain.training.resume import resume_wandb_run
+
+        resume_wandb_run(self.trainer, ckpt_path)
+
+
+_WANDB_PROBE_TIMEOUT_S = 3.0
+
 
 def _configure_wandb() -> None:
-    """Without an API key (or with no network configured) W&B runs offline instead of prompting or hanging."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+    """Without an API key W&B runs offline instead of prompting; with a key but no route to the W&B server it runs
+    offline with a warning instead of blocking about 2 minutes in ``wandb.init``."""
+    if os.environ.get("WANDB_MODE"):
         return
     netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+        unreachable = _wandb_unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+        if unreachable:
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("W&B API key found, but %s; logging to W&B offline (WANDB_MODE=offline). Upload the run "
+                        "later with `wandb sync <run folder>` (printed at the end).", unreachable)  # fmt: skip
         return
     os.environ["WANDB_MODE"] = "offline"
     log.info("No W&B API key found: logging to W&B in offline mode (WANDB_MODE=offline).")
+
+
+def _wandb_unreachable(base_url: str, timeout: float = _WANDB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the W&B server at ``base_url`` does not answer (``GET /healthz`` with a 2xx within ``timeout`` seconds,
+    through the environment's proxies as wandb itself goes), or ``None`` when it does."""
+    import urllib.error
+    import urllib.request
+
+    url = (base_url if "://" in base_url else f"https://{base_url}").rstrip("/") + "/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - the user's W&B URL
+            if 200 <= response.status < 300:
+                return None
+            status = response.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (OSError, ValueError) as err:  # URLError, timeouts, refused or reset connections, a malformed URL
+        reason = getattr(err, "reason", err)
+        return f"the W&B server {base_url} cannot be reached ({reason or err.__class__.__name__})"
+    return f"{url} answered HTTP {status}, not a W&B server (set WANDB_MODE=online to skip this check)"
 
 
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI:

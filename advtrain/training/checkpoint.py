@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from advtrain.errors import UserError
 
@@ -110,3 +112,31 @@ def load_training_module(path: str | Path, *, trust: bool = False, map_location:
         )
     module = AdversarialTraining.load_from_checkpoint(path, map_location=map_location, weights_only=not trust)
     return module.eval()
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint could not be written (full disk, quota, permissions); the previous one is intact."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, then renames it over the target: a write that
+    fails (a full disk: ``ENOSPC``, a quota, a crash) never leaves a truncated ``last.ckpt`` behind, the previous
+    checkpoint stays intact and the run stops with a message saying what to do."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: no rename there, Lightning's own write
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            kept = f"the previous {target.name} is intact" if target.is_file() else f"no earlier {target.name} existed"
+            raise CheckpointSaveError(
+                f"Could not write the checkpoint {target} ({reason}); {kept}. Free space in {target.parent} (or point "
+                "the checkpoint dirpath elsewhere) and resume with --ckpt_path last."
+            ) from None
