@@ -229,6 +229,45 @@ def _fingerprint(entries: Sequence[EvalAttack], grid: Sequence[float], cascade: 
     return digest.hexdigest()
 
 
+_SUMMED = ("forward_passes", "backward_passes", "seconds")
+
+
+def attack_batch_halving_on_oom(
+    model: nn.Module, x: Tensor, y: Tensor, index: Tensor, attacks: Sequence[EvalAttack], grid: Sequence[float],
+    *, geometry: Geometry, cascade: bool = True,
+) -> dict[str, Tensor]:  # fmt: skip
+    """:func:`attack_batch`, retried in halves (recursively) when the device runs out of memory.
+
+    The halves' records are joined sample by sample (pass counts and times summed), so the report covers the same
+    samples; deterministic attacks give the same numbers, seeded stochastic ones draw other random starts for the
+    halves. A single sample that does not fit is reported with what to do.
+    """
+    try:
+        return attack_batch(model, x, y, index, attacks, grid, geometry=geometry, cascade=cascade)
+    except torch.OutOfMemoryError as err:
+        if x.shape[0] == 1:
+            raise torch.OutOfMemoryError(
+                f"evaluate: one sample does not fit in memory under the attacks ({str(err).splitlines()[0]}). Free "
+                "memory on the device, use fewer restarts/steps, or run on a larger device."
+            ) from None
+    # Outside the except block: the failed attempt's frames (and the memory they hold) are released first.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = (x.shape[0] + 1) // 2
+    log.warning("evaluate: out of memory on a batch of %d samples; retrying it as %d + %d (pass a smaller "
+                "--batch_size to avoid the retries).", x.shape[0], half, x.shape[0] - half)  # fmt: skip
+    parts = [
+        attack_batch_halving_on_oom(
+            model, x[part], y[part], index[part], attacks, grid, geometry=geometry, cascade=cascade
+        )  # fmt: skip
+        for part in (slice(0, half), slice(half, None))
+    ]
+    return {
+        name: parts[0][name] + parts[1][name] if name in _SUMMED else torch.cat([parts[0][name], parts[1][name]])
+        for name in parts[0]
+    }
+
+
 def _batches_of(data, batch_size: int | None, max_samples: int | None, rank: int, world: int):
     """Yields ``(global batch number, x, y, index)`` for this rank (batch-aligned, unrepeated)."""
     dataset: Dataset | None = None
@@ -325,8 +364,8 @@ def evaluate_robustness(
             record = torch.load(path, map_location="cpu", weights_only=True)
             reused += 1
         else:
-            record = attack_batch(model, x.to(device), y.to(device), index, entries, grid, geometry=geometry,
-                                  cascade=cascade)  # fmt: skip
+            record = attack_batch_halving_on_oom(model, x.to(device), y.to(device), index, entries, grid,
+                                                 geometry=geometry, cascade=cascade)  # fmt: skip
             if path is not None:
                 torch.save(record, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write leaves no half file

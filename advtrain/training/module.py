@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from advtrain.attacks.base import Attack
-from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabilities
 from advtrain.engine.modes import attack_context
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
@@ -94,6 +94,7 @@ class AdversarialTraining(pl.LightningModule):
         self.val_attack = val_attack
         self.track_clean_train = track_clean_train
         self.validate_batches = validate_batches
+        self._checked_outputs = False  # the first training batch's logits are checked for probabilities
 
         acc = dict(num_classes=num_classes, average="micro")
         self.train_acc = MulticlassAccuracy(**acc)
@@ -126,6 +127,9 @@ class AdversarialTraining(pl.LightningModule):
                 f"The training loss is {float(out.loss.detach())} at epoch {self.current_epoch}, batch {batch_idx}. "
                 "Lower the learning rate or check the data; the last checkpoint is intact."
             )
+        if not self._checked_outputs:
+            self._checked_outputs = True
+            warn_if_probabilities(out.logits)
         prefix = "train/adv" if out.adversarial else "train/clean"
         self.train_acc(out.logits.detach(), y)
         self.log(f"{prefix}_loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
@@ -139,6 +143,20 @@ class AdversarialTraining(pl.LightningModule):
             self.log("train/clean_loss", self.train_clean_loss, on_step=False, on_epoch=True)
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A finite loss can still give non-finite gradients (a 0/0 in a custom layer, an overflow): stop before the
+        # step writes them into the weights, so that the checkpoints on disk stay good. With fp16 loss scaling,
+        # inf gradients are expected now and then: the scaler skips those steps itself.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            raise FloatingPointError(
+                f"Non-finite gradients at epoch {self.current_epoch}, step {self.global_step} (the loss was finite). "
+                "Lower the learning rate, clip gradients (--trainer.gradient_clip_val) or check the model; the last "
+                "checkpoint is intact and can be resumed with --ckpt_path last."
+            )
 
     def _manual_step(self, x: Tensor, y: Tensor) -> ObjectiveOutput:
         """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO)."""
