@@ -98,7 +98,7 @@ def _strategy(fragment: Path) -> str:
     return "ddp_find_unused_parameters_true" if fragment.stem.startswith("yopo") else "ddp"
 
 
-def _ddp_fit(fragment: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _ddp_fit(fragment: Path, tmp_path: Path, *extra_args: str) -> subprocess.CompletedProcess:
     extra = tmp_path / "extra.yaml"
     extra.write_text(f"trainer:\n  callbacks+:\n    - class_path: test_ddp.RankDump\n"
                      f"      init_args: {{folder: '{tmp_path}'}}\n")  # fmt: skip
@@ -108,14 +108,14 @@ def _ddp_fit(fragment: Path, tmp_path: Path) -> subprocess.CompletedProcess:
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--model.val_attack.init_args.steps", "2",
             "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
-            "--data.init_args.num_workers", "0"]  # fmt: skip
+            "--data.init_args.num_workers", "0", *extra_args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline"}  # fmt: skip
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _check_trained_under_ddp(fragment: Path, tmp_path: Path) -> None:
-    done = _ddp_fit(fragment, tmp_path)
+def _check_trained_under_ddp(fragment: Path, tmp_path: Path, *extra_args: str) -> dict:
+    done = _ddp_fit(fragment, tmp_path, *extra_args)
     assert done.returncode == 0, done.stderr[-3000:]
     start = [torch.load(tmp_path / f"start-rank{r}.pt") for r in range(2)]
     end = [torch.load(tmp_path / f"end-rank{r}.pt") for r in range(2)]
@@ -128,12 +128,20 @@ def _check_trained_under_ddp(fragment: Path, tmp_path: Path) -> None:
     ]
     assert moved, f"{fragment.stem}: no weight changed in two steps"
     assert (tmp_path / "checkpoints" / "ddp" / "last.ckpt").is_file()
+    return end[0]["state"]
 
 
 def test_mma_trains_under_lightning_ddp(tmp_path):
     """The fast smoke of the default run: MMA (per-example state, an all-gather per step) through ``--trainer.strategy
     ddp`` with 2 CPU processes."""
-    _check_trained_under_ddp(ROOT / "configs" / "maximizer" / "mma_mnist.yaml", tmp_path)
+    from test_resume import _pretrained
+
+    # From weights that classify most digits, so that MMA stores margins (an untrained model has no correct samples).
+    init = _pretrained(tmp_path / "init.pt")
+    state = _check_trained_under_ddp(ROOT / "configs" / "maximizer" / "mma_mnist.yaml", tmp_path,
+                                     "--model.init_weights", str(init))  # fmt: skip
+    # 2 ranks x 2 steps x 8 samples: more than 16 stored margins means each rank holds the other's writes too.
+    assert state["maximizer.margins"].count_nonzero() > 16
 
 
 @pytest.mark.slow
