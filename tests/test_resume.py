@@ -57,6 +57,25 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RaiseAt(pl.Callback):
+    """Raises in every rank at the start of training step N (when the environment asks): a crash that Lightning's
+    DDP launcher turns into the end of all the ranks (a SIGKILL of one rank would leave the other waiting)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        at = os.environ.get(_KILL_ENV)
+        if at is not None and trainer.global_step == int(at):
+            raise RuntimeError("simulated crash")
+
+
+class SeedPerRank(pl.Callback):
+    """Gives each rank its own torch RNG stream at the start of a fresh run (Lightning seeds all ranks alike, and
+    ranks drawing the same amounts would then keep identical streams: the per-rank restore would go unseen)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0:
+            torch.manual_seed(1000 + trainer.global_rank)
+
+
 class FinalDump(pl.Callback):
     """Writes the end state of a run: module state (weights, BatchNorm statistics, MMA margins), optimizer state,
     global RNG streams, the batches' dataset indices in training order."""
@@ -65,7 +84,7 @@ class FinalDump(pl.Callback):
         self.seen: list[list[int]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        with open("indices.jsonl", "a") as handle:
+        with open(f"indices-rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(batch[2].tolist()) + "\n")
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -77,29 +96,38 @@ class FinalDump(pl.Callback):
                 "global_step": trainer.global_step,
                 "loader_is_resumable": isinstance(trainer.fit_loop._combined_loader.flattened[0], ResumableLoader),
             },
-            "final.pt",
+            f"final-rank{trainer.global_rank}.pt",
         )
 
 
-_CONFIG = """
+_TRAINER = """
 trainer:
   deterministic: true
-  max_epochs: 6
   log_every_n_steps: 1
   limit_val_batches: 1
   enable_progress_bar: false
   enable_model_summary: false
-  logger:
-    - class_path: pytorch_lightning.loggers.WandbLogger
-      init_args: {project: advtrain, name: resume, save_dir: .}
-    - class_path: test_resume.JsonlLogger
-      init_args: {path: metrics.jsonl}
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args: {dirpath: "checkpoints/${run_name}", save_last: true, every_n_train_steps: 1, save_top_k: 0}
-    - class_path: test_resume.KillAt
-    - class_path: test_resume.FinalDump
 """
+
+
+def _config(extra: str, callbacks: list[str]) -> str:
+    """The common trainer settings (a checkpoint after every step) with ``extra`` trainer keys and test callbacks."""
+    listed = "".join(f"    - class_path: test_resume.{name}\n" for name in callbacks)
+    return _TRAINER + listed + "".join(f"  {line}\n" for line in extra.strip().splitlines())
+
+
+_CONFIG = _config(
+    """max_epochs: 6
+logger:
+  - class_path: pytorch_lightning.loggers.WandbLogger
+    init_args: {project: advtrain, name: resume, save_dir: .}
+  - class_path: test_resume.JsonlLogger
+    init_args: {path: metrics.jsonl}""",
+    ["KillAt", "FinalDump"],
+)
 
 
 def _pretrained(path: Path) -> Path:
@@ -156,17 +184,17 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
     # the start of step 8 (the 2nd batch of epoch 4), after the checkpoint of step 7 was written; resumed from it.
     killed = _fit(broken, *init, kill_at=7)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not (broken / "final.pt").exists()
+    assert not (broken / "final-rank0.pt").exists()
     ckpt = torch.load(broken / "checkpoints" / "r" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 7 and ckpt["ExactResume"]["mid_epoch"]
     resumed = _fit(broken, *init, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
 
-    a, b = torch.load(straight / "final.pt"), torch.load(broken / "final.pt")
+    a, b = torch.load(straight / "final-rank0.pt"), torch.load(broken / "final-rank0.pt")
     assert a["global_step"] == b["global_step"] == 12 and a["loader_is_resumable"]
     # The same batches in the same order: the killed run's 7, then the resumed run's from the 8th.
-    seen_a, seen_b = _lines(straight / "indices.jsonl"), _lines(broken / "indices.jsonl")
+    seen_a, seen_b = _lines(straight / "indices-rank0.jsonl"), _lines(broken / "indices-rank0.jsonl")
     assert len(seen_a) == 12 and seen_b == seen_a
     for key, value in a["state"].items():
         assert torch.equal(value, b["state"][key]), f"{key} differs after resuming"
@@ -232,12 +260,62 @@ def test_resume_in_process_replays_order_rng_and_epoch_metrics(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="simulated crash"):
         _in_process_fit(broken, crash_at=7)
     _in_process_fit(broken, ckpt_path=str(broken / "last.ckpt"))
-    a, b = torch.load(straight / "final.pt"), torch.load(broken / "final.pt")
+    a, b = torch.load(straight / "final-rank0.pt"), torch.load(broken / "final-rank0.pt")
     assert a["global_step"] == b["global_step"] == 15
-    seen_a, seen_b = _lines(straight / "indices.jsonl"), _lines(broken / "indices.jsonl")
+    seen_a, seen_b = _lines(straight / "indices-rank0.jsonl"), _lines(broken / "indices-rank0.jsonl")
     assert len(seen_a) == 15 and seen_b == seen_a  # epoch 2 resumed in its own shuffle, from its 3rd batch
     assert seen_a[5:10] != seen_a[:5]  # (epochs are shuffled differently, so replaying epoch 1's order would show)
     for key, value in a["state"].items():
         assert torch.equal(value, b["state"][key]), f"{key} differs after resuming"
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+    assert _lines(broken / "metrics.jsonl") == _lines(straight / "metrics.jsonl")
+
+
+_DDP_CONFIG = _config(
+    """max_epochs: 3
+strategy: ddp
+devices: 2
+accelerator: cpu
+logger:
+  class_path: test_resume.JsonlLogger
+  init_args: {path: metrics.jsonl}""",
+    ["RaiseAt", "SeedPerRank", "FinalDump"],
+)
+
+
+@pytest.mark.slow
+def test_ddp_crash_and_resume_equals_uninterrupted(tmp_path):
+    """2 gloo ranks, PGD with random starts (each rank draws from its own RNG stream): crashed at step 5 (mid epoch
+    3 of 2-batch epochs per rank), resumed; each rank ends with the uninterrupted run's weights, RNG stream and
+    batches, and rank 0 logged the same metrics."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    for folder in (straight, broken):
+        folder.mkdir()
+        (folder / "ddp.yaml").write_text(_DDP_CONFIG)
+    args = [sys.executable, "-m", "advtrain", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
+            "--config", "ddp.yaml", "--run_name", "r", "--model.maximizer.init_args.steps", "2",
+            "--model.val_attack.init_args.steps", "1", "--data.init_args.train_subset", "32",
+            "--data.init_args.batch_size", "8", "--data.init_args.val_size", "16",
+            "--data.init_args.num_workers", "0"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline"}  # fmt: skip
+    env.pop(_KILL_ENV, None)
+    run = dict(env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=straight, **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = subprocess.run(args, cwd=broken, **{**run, "env": {**env, _KILL_ENV: "5"}})
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
+    assert torch.load(broken / "checkpoints" / "r" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = subprocess.run([*args, "--ckpt_path", "last"], cwd=broken, **run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in range(2):
+        a, b = torch.load(straight / f"final-rank{rank}.pt"), torch.load(broken / f"final-rank{rank}.pt")
+        assert a["global_step"] == b["global_step"] == 6
+        for key, value in a["state"].items():
+            assert torch.equal(value, b["state"][key]), f"rank {rank}: {key} differs after resuming"
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), f"rank {rank}: torch RNG stream differs"
+        seen = _lines(straight / f"indices-rank{rank}.jsonl")
+        assert len(seen) == 6 and _lines(broken / f"indices-rank{rank}.jsonl") == seen
+    first, second = torch.load(straight / "final-rank0.pt"), torch.load(straight / "final-rank1.pt")
+    assert not torch.equal(first["rng"]["torch"], second["rng"]["torch"])  # the ranks' streams are distinct
     assert _lines(broken / "metrics.jsonl") == _lines(straight / "metrics.jsonl")

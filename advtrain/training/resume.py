@@ -9,12 +9,14 @@ objects held by the module and the values logged with ``on_epoch=True``), and (4
 sense) that replays the epoch's shuffle and skips the batches already trained; :class:`ExactResume` saves and restores
 the RNG streams, the metric states and the W&B run id. :class:`advtrain.cli.AdvTrainer` installs both.
 
-What is exact (single process, ``deterministic`` settings): weights, optimizer and scheduler state, per-example state
+Exact (``deterministic`` settings, one process or DDP): weights, optimizer and scheduler state, per-example state
 (MMA margins), the batches and their order, the RNG streams seen by every later step, and every logged metric
 (step and epoch). Not exact: the RNG of DataLoader worker processes that are *persistent* across epochs (they are
 re-created on resume, seeded from the replayed generator: random augmentations in workers may differ; with
-``num_workers=0`` or without random augmentation the data are exact); under DDP the ranks' global RNG streams other
-than rank 0's (only rank 0 writes the checkpoint), and the wall-clock timings.
+``num_workers=0`` or without random augmentation the data are exact); under DDP, main-process random augmentations of
+the first batch after resuming on ranks other than 0 (the loader's pre-fetch RNG state is rank 0's); resuming on
+another number of processes; the wall-clock timings. Under DDP each rank's RNG streams and running metrics are
+all-gathered into the checkpoint (rank 0 writes it) and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from torchmetrics import Metric
 
@@ -185,10 +188,15 @@ class ExactResume(pl.Callback):
             name: {k: v.detach().cpu().clone() for k, v in m.metric_state.items() if isinstance(v, torch.Tensor)}
             for name, m in _module_metrics(pl_module).items()
         }
+        own = {"rng": rng_states(), "metrics": metrics, "results": results}
+        # Every rank has its own RNG streams and metric accumulations; only rank 0 writes the file, so they are
+        # gathered (every rank runs this hook: Lightning builds the checkpoint dict on all ranks).
+        ranks = [own]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
         checkpoint[self.state_key] = {
-            "rng": rng_states(),
-            "metrics": metrics,
-            "results": results,
+            "ranks": ranks,
             "mid_epoch": trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches,
             "wandb_id": wandb_run_id(trainer),
         }
@@ -199,11 +207,17 @@ class ExactResume(pl.Callback):
             log.warning("The checkpoint has no ExactResume state (written by an older advtrain?): the run resumes, "
                         "but the RNG streams and the running epoch metrics start afresh.")  # fmt: skip
             return
-        self._pending = saved
+        ranks = saved["ranks"]
+        if len(ranks) != trainer.world_size:
+            log.warning("The checkpoint was written by %d process(es), this run has %d: the data are dealt to the "
+                        "ranks differently, so the resumed run is not an exact continuation (rank 0's RNG "
+                        "streams are used everywhere).", len(ranks), trainer.world_size)  # fmt: skip
+        own = ranks[trainer.global_rank] if trainer.global_rank < len(ranks) else ranks[0]
+        self._pending = {**own, "mid_epoch": saved["mid_epoch"]}
         for name, metric in _module_metrics(pl_module).items():
-            for key, value in saved["metrics"].get(name, {}).items():
+            for key, value in own["metrics"].get(name, {}).items():
                 setattr(metric, key, value.to(pl_module.device))
-            if saved["metrics"].get(name):
+            if own["metrics"].get(name):
                 metric._update_count = max(metric._update_count, 1)  # compute() without a warning
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
