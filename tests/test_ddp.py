@@ -93,18 +93,13 @@ class RankDump(pl.Callback):
         self._dump(trainer, pl_module, "end")
 
 
-def _strategy(fragment: Path) -> str:
-    # YOPO runs several backward passes per step, some reaching only part of the weights: DDP must be told so.
-    return "ddp_find_unused_parameters_true" if fragment.stem.startswith("yopo") else "ddp"
-
-
 def _ddp_fit(fragment: Path, tmp_path: Path, *extra_args: str) -> subprocess.CompletedProcess:
     extra = tmp_path / "extra.yaml"
     extra.write_text(f"trainer:\n  callbacks+:\n    - class_path: test_ddp.RankDump\n"
                      f"      init_args: {{folder: '{tmp_path}'}}\n")  # fmt: skip
     args = [sys.executable, "-m", "advtrain", "fit", "--config", QUICKSTART, "--config", str(fragment),
             "--config", str(extra), "--run_name", "ddp", "--trainer.logger", "false",
-            "--trainer.strategy", _strategy(fragment), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--model.val_attack.init_args.steps", "2",
             "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",

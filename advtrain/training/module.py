@@ -144,6 +144,19 @@ class AdversarialTraining(pl.LightningModule):
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
         return out.loss
 
+    def setup(self, stage: str) -> None:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if self.maximizer.manual_optimization and isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
+            # YOPO runs several backward passes per step, some reaching only part of the weights: DDP must look for
+            # unused parameters or it stops at the first of them. Set here, before the strategy wraps the model.
+            if not kwargs.get("find_unused_parameters"):
+                kwargs["find_unused_parameters"] = True
+                log.info("%s under DDP: find_unused_parameters=True (several partial backward passes per step).",
+                         type(self.maximizer).__name__)  # fmt: skip
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # A finite loss can still give non-finite gradients (a 0/0 in a custom layer, an overflow): stop before the
         # step writes them into the weights, so that the checkpoints on disk stay good. With fp16 loss scaling,
