@@ -13,3 +13,7 @@ class InvalidInputError(UserError, ValueError):
 
 class InvalidConfigError(UserError, ValueError):
     """A configuration value that cannot work (an empty split, a negative size, ...)."""
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient; the last checkpoint is intact (the CLI exits with code 2)."""

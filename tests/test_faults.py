@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from advtrain.attacks import PGD
 from advtrain.cli import AdvTrainer
 from advtrain.engine.checks import ProbabilitiesWarning
-from advtrain.errors import UserError
+from advtrain.errors import TrainingDivergedError, UserError
 from advtrain.evaluation import evaluate_robustness
 from advtrain.training import AdversarialTraining
 from advtrain.training.checkpoint import CheckpointSaveError, load_training_module, read_checkpoint
@@ -151,8 +151,10 @@ class _PoisonAt(pl.Callback):
 
 
 def test_nan_loss_stops_and_the_last_good_checkpoint_loads(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"training loss is nan at epoch 0, batch 3.*checkpoint is intact"):
+    # A UserError: the CLI prints it without a traceback and exits with status 2.
+    with pytest.raises(TrainingDivergedError, match=r"training loss is nan at epoch 0, batch 3.*checkpoint is intact"):
         _tiny_fit(tmp_path, [_PoisonAt(3)])
+    assert issubclass(TrainingDivergedError, UserError) and issubclass(TrainingDivergedError, FloatingPointError)
     module = load_training_module(tmp_path / "last.ckpt")
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3  # saved after the last good step
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -170,7 +172,7 @@ def test_non_finite_gradients_stop_before_the_step(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             _steps["n"] += 1
 
-    with pytest.raises(FloatingPointError, match=r"Non-finite gradients at epoch 0, step 2 \(the loss was finite\)"):
+    with pytest.raises(TrainingDivergedError, match=r"Non-finite gradients at epoch 0, step 2 \(the loss was finite\)"):
         _tiny_fit(tmp_path, [Count()], model_hook=poison_gradients)
     module = load_training_module(tmp_path / "last.ckpt")
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from advtrain.attacks.base import Attack
 from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabilities
 from advtrain.engine.modes import attack_context
+from advtrain.errors import TrainingDivergedError
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
 from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
@@ -123,7 +124,7 @@ class AdversarialTraining(pl.LightningModule):
         else:
             out = self._manual_step(x, y)
         if not torch.isfinite(out.loss):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"The training loss is {float(out.loss.detach())} at epoch {self.current_epoch}, batch {batch_idx}. "
                 "Lower the learning rate or check the data; the last checkpoint is intact."
             )
@@ -165,7 +166,7 @@ class AdversarialTraining(pl.LightningModule):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"Non-finite gradients at epoch {self.current_epoch}, step {self.global_step} (the loss was finite). "
                 "Lower the learning rate, clip gradients (--trainer.gradient_clip_val) or check the model; the last "
                 "checkpoint is intact and can be resumed with --ckpt_path last."
