@@ -324,6 +324,9 @@ class TrustRegion(Attack):
       (METHODS.md §3). Samples never fooled come back unchanged.
     * Untargeted only, as in the paper (the target class is chosen by index selection).
 
+    ``result.extra["last_iterate"]`` holds every sample's last iterate (its first fooling point where it was fooled),
+    in the box and before any ε projection; :class:`advtrain.maximizers.TRLinf` trains unfooled samples on it.
+
     Args:
         norm: ``"l2"`` or ``"linf"``.
         steps: iteration budget.
