@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import ActiveSet
 from advtrain.engine.losses import cross_entropy
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import MinimalNormTracker
@@ -195,15 +195,4 @@ class DDN(Attack):
         core.loop(everyone, self.steps, body)
         if eps_t is None:
             return core.result(tracker.best_adv, tracker.success.clone(), measure)
-        return self._project(core, tracker, eps_t)
-
-    def _project(self, core: AttackCore, tracker: MinimalNormTracker, eps: Tensor) -> AttackResult:
-        """The ε-ball variant: shrinks each best δ into its ball and re-checks the samples that moved."""
-        x = core.x
-        delta = self.geometry.project((tracker.best_adv - x).float(), eps)
-        adv = (x.float() + delta).clamp_(0.0, 1.0)
-        success = tracker.success.clone()
-        moved = (success & (tracker.best_norm > eps)).nonzero().squeeze(1)
-        if moved.numel() > 0:
-            success[moved] = core.fooled(core.forward(adv[moved]), moved)
-        return core.result(adv, success, self.geometry.measure)
+        return core.project_into_budget(tracker.best_adv, tracker.success, eps_t, self.geometry)

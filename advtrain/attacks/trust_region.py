@@ -468,7 +468,7 @@ class TrustRegion(Attack):
         if len(active) > 0:
             record(active, core.fooled(core.forward(active["x"] + active["delta"]), active.index))
         result = (
-            self._project(core, best, success, eps_t)
+            core.project_into_budget(best, success, eps_t, geometry)
             if eps_t is not None
             else core.result(best, success, geometry.measure)
         )
@@ -502,14 +502,3 @@ class TrustRegion(Attack):
         if self.solver == "steihaug":
             return _steihaug_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
         return _krylov_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
-
-    def _project(self, core: AttackCore, adv: Tensor, success: Tensor, eps: Tensor) -> AttackResult:
-        """Projects each found δ onto its ε-ball and re-checks the samples that moved."""
-        delta = adv - core.x32
-        norms = self.geometry.measure(delta)
-        projected = (core.x32 + self.geometry.project(delta, eps)).clamp_(0.0, 1.0)
-        success = success.clone()
-        moved = (success & (norms > eps)).nonzero().squeeze(1)
-        if moved.numel() > 0:
-            success[moved] = core.fooled(core.forward(projected[moved]), moved)
-        return core.result(projected, success, self.geometry.measure)

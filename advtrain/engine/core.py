@@ -28,6 +28,7 @@ from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabili
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
+from advtrain.threat.geometry import Geometry
 
 _FUSED: dict[Callable, Callable] = {}
 
@@ -206,6 +207,18 @@ class AttackCore:
             done = body(k, active)
             if done is not None:
                 active.retire(done)
+
+    def project_into_budget(self, adv: Tensor, success: Tensor, eps: Tensor, geometry: Geometry) -> AttackResult:
+        """The ε-ball variant of a minimal-norm attack: shrinks each found δ = adv − x into its ball (projection only
+        ever shrinks) and the box, and re-checks with one forward the successful samples that moved; the others keep
+        their verdict."""
+        delta = adv.float() - self.x32
+        projected = (self.x32 + geometry.project(delta, eps)).clamp_(0.0, 1.0)
+        success = success.clone()
+        moved = (success & (geometry.measure(delta) > eps)).nonzero().squeeze(1)
+        if moved.numel() > 0:
+            success[moved] = self.fooled(self.forward(projected[moved]), moved)
+        return self.result(projected, success, geometry.measure)
 
     def result(
         self, adv: Tensor, success: Tensor, measure: Callable[[Tensor], Tensor], extra: dict | None = None

@@ -82,15 +82,3 @@ class MinimalNormTracker:
         self.best_adv[upd] = adv[better].detach().to(self.best_adv.dtype)
         self.best_norm[upd] = norms[better].detach().float()
         self.success[upd] = True
-
-    def result(self, measure, counter: PassCounter) -> AttackResult:
-        """The :class:`AttackResult`, with norms measured by ``measure(delta) -> (B,)``."""
-        adv = self.best_adv.clamp(0.0, 1.0)
-        return AttackResult(
-            adv=adv,
-            success=self.success.clone(),
-            norms=measure((adv - self.inputs).float()),
-            forward_passes=counter.forward_passes,
-            backward_passes=counter.backward_passes,
-            model_calls=counter.model_calls,
-        )
