@@ -36,17 +36,20 @@ class TinyCNN(nn.Module):
         return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
 
 
-def linear_problem(n: int = 200, dim: int = 100, classes: int = 10, seed: int = 0):
+def linear_problem(n: int = 200, dim: int = 100, classes: int = 10, seed: int = 0, scale: float = 1.0):
     """A random linear classifier with inputs at 0.5 ± 0.1 and labels = its predictions, and per class j the exact
     minimal perturbation to its half-space z_j ≥ z_y: (z_y − z_j) / ‖w_y − w_j‖_q, q = 2 for L2 and 1 for L∞ (the
     dual norm); +inf for the label's own class. Their minimum over j is the exact minimal untargeted perturbation.
-    They lie in about [0.04, 0.34] (L2) and [0.005, 0.04] (L∞), so the box never binds.
+    They lie in about [0.04, 0.34] (L2) and [0.005, 0.04] (L∞), so the box never binds; ``scale`` multiplies the
+    weights (flatter logits: larger perturbations, by 1/scale).
 
     Returns:
         ``(model, x, y, {"l2": (n, C) float64, "linf": (n, C) float64})``.
     """
     gen = torch.Generator().manual_seed(seed)
     model = LinearNet(dim, classes, seed=seed)
+    with torch.no_grad():
+        model.fc.weight.mul_(scale)
     x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
     with torch.no_grad():
         y = model(x).argmax(1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import LinearNet, TinyCNN
+from helpers import linear_problem as shared_linear_problem
 from torch import nn
 
 from advtrain.attacks import create_attack, list_attacks
@@ -19,22 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import import_adv_lib  # noqa: E402
 
 
-def linear_problem(n=128, dim=100, classes=10, seed=0, scale=1.0):
-    """A random linear classifier with inputs at 0.5 ± 0.1, labels = its predictions, and the exact minimal L2
-    perturbation min_j (z_y − z_j)/‖w_y − w_j‖₂ (well inside the box: about [0.04, 0.35] for 10 classes)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = LinearNet(dim, classes, seed=seed)
-    with torch.no_grad():
-        model.fc.weight.mul_(scale)
-    x = 0.5 + 0.1 * (2 * torch.rand(n, dim, generator=gen) - 1)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
-    z = x.double() @ w.T + b
-    margin = z.gather(1, y[:, None]) - z
-    diff = w[y][:, None, :] - w[None, :, :]
-    exact = (margin / diff.norm(dim=2)).masked_fill(F.one_hot(y, classes).bool(), float("inf")).amin(1)
-    return model, x, y, exact.float()
+def linear_problem(n=128, classes=10, scale=1.0):
+    """:func:`helpers.linear_problem` with the exact minimal L2 perturbation of each sample (min over classes)."""
+    model, x, y, per_class = shared_linear_problem(n=n, classes=classes, scale=scale)
+    return model, x, y, per_class["l2"].amin(1).float()
 
 
 def test_registered_as_minimal_l2_attack():
