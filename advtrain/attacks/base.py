@@ -71,6 +71,13 @@ class Attack(ABC):
         with attack_context(model, self.mode):
             return self.run(model, inputs, labels, eps=eps, generator=generator)
 
+    @staticmethod
+    def optional_eps(eps: float | None) -> float | None:
+        """Validates the optional ε-ball budget of a minimal-norm attack: ``None`` (unbudgeted) or a float >= 0."""
+        if eps is not None and eps < 0:
+            raise ValueError(f"eps must be None or >= 0, got {eps}.")
+        return None if eps is None else float(eps)
+
     def budget(self, eps: float | Tensor | None, inputs: Tensor) -> Tensor | None:
         """The per-sample budget of a call: the per-call ``eps`` if given, else the configured ``self.eps`` (if the
         attack has one), as a (B,) tensor; ``None`` for an unbudgeted minimal-norm attack."""

@@ -114,8 +114,6 @@ class CarliniWagnerL2(Attack):
             raise ValueError(f"step_size and initial_const must be > 0, got {step_size} and {initial_const}.")
         if confidence < 0:
             raise ValueError(f"confidence must be >= 0, got {confidence}.")
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be None or >= 0, got {eps}.")
         self.norm = "l2"
         self.targeted = bool(targeted)
         self.confidence = float(confidence)
@@ -124,7 +122,7 @@ class CarliniWagnerL2(Attack):
         self.steps = int(steps)
         self.initial_const = float(initial_const)
         self.abort_early = bool(abort_early)
-        self.eps = eps
+        self.eps = self.optional_eps(eps)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
         core = self.core(model, inputs, labels)

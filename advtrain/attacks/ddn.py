@@ -148,8 +148,6 @@ class DDN(Attack):
             )
         if levels is not None and levels < 2:
             raise ValueError(f"levels must be >= 2 or None, got {levels}.")
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be >= 0 or None, got {eps}.")
         self.geometry = geometry_for("l2")
         self.norm = self.geometry.norm.value
         self.steps = int(steps)
@@ -158,7 +156,7 @@ class DDN(Attack):
         self.step_size = float(step_size)
         self.final_step_size = float(final_step_size)
         self.levels = None if levels is None else int(levels)
-        self.eps = None if eps is None else float(eps)
+        self.eps = self.optional_eps(eps)
         self.targeted = bool(targeted)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:

@@ -115,14 +115,12 @@ class DeepFool(Attack):
             raise ValueError(f"overshoot must be >= 0, got {overshoot}.")
         if candidates is not None and candidates < 1:
             raise ValueError(f"candidates must be None (all classes) or >= 1, got {candidates}.")
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be None or >= 0, got {eps}.")
         self.geometry = geometry_for(norm)
         self.norm = self.geometry.norm.value
         self.steps = int(steps)
         self.overshoot = float(overshoot)
         self.candidates = candidates
-        self.eps = eps
+        self.eps = self.optional_eps(eps)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
         core = self.core(model, inputs, labels)

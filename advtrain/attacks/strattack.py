@@ -281,8 +281,6 @@ class StrAttack(Attack):
             raise ValueError(f"eta_growth must be 'sqrt' or 'linear', got {eta_growth!r}.")
         if not 0.0 <= refine_quantile < 1.0:
             raise ValueError(f"refine_quantile must lie in [0, 1), got {refine_quantile}.")
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be >= 0 or None, got {eps}.")
         if (group_size is not None and group_size < 1) or (stride is not None and stride < 1):
             raise ValueError(f"group_size and stride must be >= 1, got {group_size}, {stride}.")
         self.steps = int(steps)
@@ -303,7 +301,7 @@ class StrAttack(Attack):
         self.refine_quantile = float(refine_quantile)
         self.confidence = float(confidence)
         self.targeted = bool(targeted)
-        self.eps = None if eps is None else float(eps)
+        self.eps = self.optional_eps(eps)
         self.warm_start = bool(warm_start)
         self.scored = scored
         self._geometry = geometry_for("l2")

@@ -386,8 +386,6 @@ class TrustRegion(Attack):
             raise ValueError(f"Unknown solver {solver!r}; allowed values are 'lanczos', 'steihaug'.")
         if not (0 < sigma2 <= sigma1 and eta > 1):
             raise ValueError(f"Need 0 < sigma2 <= sigma1 and eta > 1, got {sigma1}, {sigma2}, {eta}.")
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be >= 0 or None, got {eps}.")
         self.geometry = geometry_for(norm)
         self.norm = self.geometry.norm.value
         bounds = self.geometry.trust_radius_bounds if radius_bounds is None else tuple(radius_bounds)
@@ -403,7 +401,7 @@ class TrustRegion(Attack):
         self.solver = solver
         self.radius_bounds = (float(bounds[0]), float(bounds[1]))
         self.sigma1, self.sigma2, self.eta = float(sigma1), float(sigma2), float(eta)
-        self.eps = None if eps is None else float(eps)
+        self.eps = self.optional_eps(eps)
         # Krylov directions are Euclidean: in the L∞ box only the first, steepest-ascent direction is meaningful.
         self._subspace_dim = self.krylov_dim if self.geometry.euclidean else 1
 
