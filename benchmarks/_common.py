@@ -7,15 +7,22 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from advtrain.runtime import tune_cpu_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
+# Every benchmark runs with glibc's heap keeping freed buffers (advtrain.runtime): otherwise page faults take about a
+# quarter of an attack's CPU time, and which of two equivalent loops takes more of them depends on allocation order.
+# ADVTRAIN_TUNE_MALLOC=0 measures under the default allocator settings instead.
+ALLOCATOR_TUNED = tune_cpu_allocator()
 
 
 def import_adv_lib():
@@ -98,6 +105,52 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
     return out, statistics.median(times)
 
 
+@dataclass
+class Timing:
+    """Wall and CPU seconds of repeated runs of one callable, and the output of its first timed run."""
+
+    output: Any
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: bool = True) -> list[Timing]:
+    """Runs every callable ``repeats`` times, interleaved round by round, and times each run (wall and CPU).
+
+    The order is reversed every other round so that no callable always runs first (on a just-freed heap, a warm
+    cache, a quiet moment of the shared machine); an untimed warm-up round first pays the one-off costs (lazy
+    imports, kernel selection, the heap's growth). Compare two callables with :func:`paired_ratios`, which divides
+    the times of the same round: both saw the machine in the same state.
+    """
+    if warmup:
+        for fn in fns:
+            fn()
+    timings: list[Timing | None] = [None] * len(fns)
+    for r in range(repeats):
+        for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
+            torch.manual_seed(0)
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = fns[i]()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if timings[i] is None:
+                timings[i] = Timing(out)
+            timings[i].wall.append(wall)
+            timings[i].cpu.append(cpu)
+    return timings  # type: ignore[return-value]
+
+
+def paired_ratios(ours: Timing, peer: Timing) -> dict[str, float]:
+    """Round-by-round ratios ours/peer: the median wall ratio with its range, and the median CPU-time ratio."""
+    wall = [a / b for a, b in zip(ours.wall, peer.wall, strict=True)]
+    cpu = [a / b for a, b in zip(ours.cpu, peer.cpu, strict=True)]
+    return {
+        "wall_ratio": statistics.median(wall),
+        "wall_ratio_min": min(wall),
+        "wall_ratio_max": max(wall),
+        "cpu_ratio": statistics.median(cpu),
+    }
+
+
 def median_norm_with_failures(norms: torch.Tensor, success: torch.Tensor) -> float:
     """Median over samples with failures counted as +inf (Rony et al. 2019's convention)."""
     values = torch.where(success, norms.float(), torch.full_like(norms.float(), float("inf")))
@@ -114,5 +167,5 @@ def write_table(name: str, rows: list[dict[str, Any]], columns: list[str]) -> Pa
     for row in rows:
         cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
         print("| " + " | ".join(cells) + " |")
-    print(f"\n(written to {path})")
+    print(f"\n(written to {path}; glibc malloc {'tuned' if ALLOCATOR_TUNED else 'default'}, see advtrain/runtime.py)")
     return path

@@ -43,19 +43,19 @@ def _ddn_update(
     cap: Tensor,
     alpha: Tensor,
     gamma: Tensor,
-    levels: Tensor,
+    levels: int,
 ) -> tuple[Tensor, Tensor]:
     """DDN's elementwise step (steps 2–4 of the class docstring): δ ← δ + α·g/‖g‖₂, the radius shrinks by (1 − γ)
     where x + δ fooled and grows by (1 + γ) elsewhere (capped at ``cap``), δ is rescaled to the radius, x + δ is
-    clipped to the box and quantised to ``levels`` (0: none). One fusible unit (see :meth:`AttackCore.step`)."""
-    grad_norm = flat_norm(grad, 2.0).clamp_min(_TINY)
-    delta = delta + alpha * grad / view_as_batch(grad_norm, grad)
+    clipped to the box and quantised to ``levels`` (0: none; a Python int, so the compiled step specialises on it). One fusible unit (see :meth:`AttackCore.step`)."""
+    # Written to allocate one batch-sized tensor (the new δ); the rest is in place on it. On CPU the allocator's
+    # page faults on fresh batch-sized buffers cost as much as the arithmetic.
+    delta = torch.addcmul(delta, grad, view_as_batch(alpha / flat_norm(grad, 2.0).clamp_min(_TINY), grad))
     radius = torch.minimum(torch.where(fooled, radius * (1.0 - gamma), radius * (1.0 + gamma)), cap)
-    delta = delta * view_as_batch(radius / flat_norm(delta, 2.0).clamp_min(_TINY), delta)
-    point = (x + delta).clamp(0.0, 1.0)
-    quantised = torch.round(point * (levels - 1)) / (levels - 1).clamp_min(1.0)
-    point = torch.where(levels > 0, quantised, point)
-    return point - x, radius
+    point = delta.mul_(view_as_batch(radius / flat_norm(delta, 2.0).clamp_min(_TINY), delta)).add_(x).clamp_(0.0, 1.0)
+    if levels > 1:
+        point.mul_(levels - 1).round_().div_(levels - 1)
+    return point.sub_(x), radius
 
 
 @register_attack(AttackSpec("ddn", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
@@ -167,7 +167,7 @@ class DDN(Attack):
         sign = -1.0 if self.targeted else 1.0
         measure = self.geometry.measure
         update = core.step(_ddn_update)
-        levels = torch.tensor(float(self.levels or 0), device=core.device)
+        levels = self.levels or 0
         gamma = torch.tensor(self.gamma, device=core.device)
         alphas = torch.tensor(cosine_step_sizes(self.steps, self.step_size, self.final_step_size), device=core.device)
         # The farthest any point of the box can be from x: the cap on the radius.
