@@ -38,6 +38,7 @@ def _ddn_update(
     x: Tensor,
     delta: Tensor,
     grad: Tensor,
+    grad_norm: Tensor,
     fooled: Tensor,
     radius: Tensor,
     cap: Tensor,
@@ -45,12 +46,14 @@ def _ddn_update(
     gamma: Tensor,
     levels: int,
 ) -> tuple[Tensor, Tensor]:
-    """DDN's elementwise step (steps 2–4 of the class docstring): δ ← δ + α·g/‖g‖₂, the radius shrinks by (1 − γ)
-    where x + δ fooled and grows by (1 + γ) elsewhere (capped at ``cap``), δ is rescaled to the radius, x + δ is
-    clipped to the box and quantised to ``levels`` (0: none; a Python int, so the compiled step specialises on it). One fusible unit (see :meth:`AttackCore.step`)."""
-    # Written to allocate one batch-sized tensor (the new δ); the rest is in place on it. On CPU the allocator's
-    # page faults on fresh batch-sized buffers cost as much as the arithmetic.
-    delta = torch.addcmul(delta, grad, view_as_batch(alpha / flat_norm(grad, 2.0).clamp_min(_TINY), grad))
+    """DDN's elementwise step (steps 2–4 of the class docstring): δ ← δ + α·g/‖g‖₂ (``grad_norm`` = ‖g‖₂), the
+    radius shrinks by (1 − γ) where x + δ fooled and grows by (1 + γ) elsewhere (capped at ``cap``), δ is rescaled
+    to the radius, x + δ is clipped to the box and quantised to ``levels`` (0: none; a Python int, so the compiled
+    step specialises on it). One fusible unit (see :meth:`AttackCore.step`).
+
+    It allocates one batch-sized tensor (the new δ) and works in place on it: fewer temporaries for the allocator.
+    """
+    delta = torch.addcmul(delta, grad, view_as_batch(alpha / grad_norm.clamp_min(_TINY), grad))
     radius = torch.minimum(torch.where(fooled, radius * (1.0 - gamma), radius * (1.0 + gamma)), cap)
     point = delta.mul_(view_as_batch(radius / flat_norm(delta, 2.0).clamp_min(_TINY), delta)).add_(x).clamp_(0.0, 1.0)
     if levels > 1:
@@ -181,13 +184,15 @@ class DDN(Attack):
                 s["delta"], lambda d: s["x"] + d, lambda z: sign * cross_entropy(z, s["y"])
             )
             fooled = core.fooled(logits, s.index)
-            tracker.update(s.index, s["x"] + s["delta"], measure(s["delta"]), fooled)
-            zero = measure(grad) < _TINY
+            tracker.update(None, s["x"] + s["delta"], measure(s["delta"]), fooled)  # everyone is always active
+            grad_norm = measure(grad)
+            zero = grad_norm < _TINY
             if bool(zero.any()):  # the one host sync per iteration: a flat loss gets a random direction
                 noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
                 grad = torch.where(view_as_batch(zero, grad), noise, grad)
+                grad_norm = measure(grad)
             s["delta"], s["radius"] = update(
-                s["x"], s["delta"], grad, fooled, s["radius"], s["cap"], alphas[k], gamma, levels
+                s["x"], s["delta"], grad, grad_norm, fooled, s["radius"], s["cap"], alphas[k], gamma, levels
             )
 
         core.loop(everyone, self.steps, body)

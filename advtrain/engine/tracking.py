@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from advtrain.engine.result import AttackResult
+from advtrain.threat.norms import view_as_batch
 
 
 @dataclass
@@ -75,8 +76,15 @@ class MinimalNormTracker:
         self.best_norm = torch.full((inputs.shape[0],), float("inf"), device=inputs.device)
         self.success = torch.zeros(inputs.shape[0], dtype=torch.bool, device=inputs.device)
 
-    def update(self, index: Tensor, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
-        """Offers candidate points ``adv`` (with their ``norms`` and whether they fool) for samples ``index``."""
+    def update(self, index: Tensor | None, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
+        """Offers candidate points ``adv`` (with their ``norms`` and whether they fool) for samples ``index``, or for
+        the whole batch when ``index`` is ``None`` (then with no host sync: selects rather than indexes)."""
+        if index is None:
+            better = fooled & (norms < self.best_norm)
+            self.best_adv = torch.where(view_as_batch(better, adv), adv.detach().to(self.best_adv.dtype), self.best_adv)
+            self.best_norm = torch.where(better, norms.detach().float(), self.best_norm)
+            self.success |= better
+            return
         better = fooled & (norms < self.best_norm[index])
         upd = index[better]
         self.best_adv[upd] = adv[better].detach().to(self.best_adv.dtype)
