@@ -109,6 +109,15 @@ def test_callback_logs_table_and_plot_to_wandb(tmp_path):
     assert summary["robust/accuracy_vs_eps_figure"]["_type"] == "image-file"
 
 
+def test_callback_passes_the_fusion_options(tmp_path):
+    callback = _callback(fuse=True, max_fused_batch=64)
+    datamodule = MNIST5kDataModule(batch_size=32, num_workers=0)
+    _trainer(tmp_path, callback).validate(AdversarialTraining(), datamodule=datamodule)
+    report = callback.last_report.as_dict()
+    assert report["fused"] is True and report["max_fused_batch"] == 64
+    assert callback.last_report.data["attacked"].any()
+
+
 def test_callback_needs_a_threat_model_or_a_val_attack(tmp_path):
     callback = RobustEvaluation(suite="quick", num_samples=4)
     trainer = _trainer(tmp_path, callback)

@@ -8,6 +8,7 @@ Reference:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
 from advtrain.engine.core import ActiveSet, AttackCore
 from advtrain.engine.losses import cross_entropy, dlr_loss
+from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
 from advtrain.errors import InvalidInputError
 from advtrain.threat.geometry import Geometry, geometry_for
@@ -122,6 +124,12 @@ class APGD(Attack):
       passes targets only. For correctly classified inputs this is the true class. AutoAttack's APGD-T loop
       over the top-9 target classes is left to the caller (one call per target).
 
+    Fused calls: :meth:`call_fused` runs several calls of APGDs that differ only in their loss (APGD-CE and
+    APGD-DLR) and ε as one call on their concatenated batches, each row ascending its own call's loss, with one
+    model call per iteration for all of them; every row ends exactly as in its own call. The result's ``extra``
+    holds the per-sample ``"forward_passes"`` and ``"backward_passes"`` (they sum to the call's counts), so that
+    the passes of a fused call can be attributed to its parts.
+
     Args:
         norm: ``"linf"`` or ``"l2"``.
         eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
@@ -183,19 +191,28 @@ class APGD(Attack):
         points = [math.ceil(round(p * steps, 6)) for p in _checkpoint_fractions()]
         return sorted(set(points))
 
-    def _check_classes(self, num_classes: int) -> None:
+    def shares_passes_with(self, other: object) -> bool:
+        """Whether ``other`` can run in one :meth:`call_fused` with this attack: an APGD with the same configuration
+        except, possibly, its loss and its default ``eps`` (a fused call passes every row's ε)."""
+        same = ("norm", "steps", "restarts", "rho", "alpha", "targeted", "autocast", "compile", "mode", "seed")
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in same)
+
+    def _check_classes(self, num_classes: int, loss: str) -> None:
         need = 4 if self.targeted else 3
-        if self.loss == "dlr" and num_classes < need:
+        if loss == "dlr" and num_classes < need:
             raise InvalidInputError(
                 f"APGD-DLR{' (targeted)' if self.targeted else ''} needs at least {need} classes (its denominator "
                 f"uses the {'3rd' if need == 3 else '4th'} largest logit), but the model has {num_classes}. Use "
                 "loss='ce' instead."
             )
 
-    def _loss(self, logits: Tensor, state: dict[str, Tensor]) -> Tensor:
-        """The per-sample loss to ascend for the active samples in ``state``."""
-        self._check_classes(logits.shape[1])
-        if self.loss == "ce":
+    def _loss(self, logits: Tensor, state: ActiveSet, loss: str) -> Tensor:
+        """The per-sample loss to ascend for the active samples in ``state``: ``loss`` is ``"ce"``, ``"dlr"``, or
+        ``"mixed"`` (each row's own, DLR where ``state["dlr"]``; the other loss gets a zero gradient on that row)."""
+        if loss == "mixed":
+            return torch.where(state["dlr"], self._loss(logits, state, "dlr"), self._loss(logits, state, "ce"))
+        self._check_classes(logits.shape[1], loss)
+        if loss == "ce":
             ce = cross_entropy(logits, state["y"])
             return -ce if self.targeted else ce
         if self.targeted:
@@ -203,25 +220,103 @@ class APGD(Attack):
         return dlr_loss(logits, state["y"])
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
+        return self._run(model, inputs, labels, self.budget(eps, inputs), [(self.loss, inputs.shape[0], generator)])
+
+    def call_fused(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        labels: Tensor,
+        *,
+        segments: Sequence[tuple[APGD, int]],
+        eps: float | Tensor | None = None,
+    ) -> AttackResult:
+        """Runs several APGD calls as one: ``inputs`` is their batches concatenated, ``segments`` says, in order,
+        whose call each run of rows is (``(attack, rows)``), and ``eps`` (a (B,) tensor) holds every row's budget.
+
+        Each segment ends exactly as ``attack(model, inputs[rows], labels[rows], eps=eps[rows])`` would: its own
+        loss, its own generator seeded with the attack's seed (random starts are drawn per segment, in the same
+        order), and APGD's per-sample schedule; only the model sees one batch per iteration instead of one per
+        segment. That is what lets the evaluation run APGD-CE and APGD-DLR over a grid of ε with one forward and
+        one backward pass per iteration (AutoAttack runs them one after another).
+
+        Args:
+            model, inputs, labels: as for a call.
+            segments: ``(attack, rows)`` per segment; every attack must :meth:`share passes <shares_passes_with>`
+                with this one, and the rows must add up to the batch.
+            eps: per-row (or common) budget; default: each segment's attack's ``eps``.
+
+        Returns:
+            One :class:`AttackResult` for the whole batch; ``extra["forward_passes"]`` and
+            ``extra["backward_passes"]`` give each row's passes, so a segment's cost is the sum over its rows.
+
+        Raises:
+            ValueError: if a segment's attack is not a compatible APGD or the rows do not cover the batch.
+        """
+        sizes = [int(rows) for _, rows in segments]
+        if sum(sizes) != inputs.shape[0] or min(sizes, default=0) < 0:
+            raise ValueError(f"call_fused: the segments' rows {sizes} must be >= 0 and add up to the batch of "
+                             f"{inputs.shape[0]}.")  # fmt: skip
+        for attack, _ in segments:
+            if not self.shares_passes_with(attack):
+                raise ValueError(f"call_fused: {attack!r} cannot share passes with {self!r}; only APGDs that differ "
+                                 "in loss and eps can.")  # fmt: skip
+        if eps is None:
+            eps = torch.cat([torch.full((n,), a.eps) for (a, _), n in zip(segments, sizes, strict=True)])
+        parts = []
+        for (attack, _), n in zip(segments, sizes, strict=True):
+            generator = None
+            if attack.seed is not None:  # as Attack.__call__ seeds each call
+                generator = torch.Generator(device=inputs.device).manual_seed(attack.seed)
+            parts.append((attack.loss, n, generator))
+        with attack_context(model, self.mode):
+            return self._run(model, inputs, labels, self.budget(eps, inputs), parts)
+
+    def _run(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        labels: Tensor,
+        eps_t: Tensor,
+        segments: Sequence[tuple[str, int, torch.Generator | None]],
+    ) -> AttackResult:
+        """The attack on a batch of consecutive segments ``(loss, rows, generator)`` (one for a plain call)."""
         core = self.core(model, inputs, labels)
-        x, batch = core.x, core.batch
-        eps_t = self.budget(eps, inputs)
+        x, batch, device = core.x, core.batch, core.device
+        bounds = torch.tensor([0, *[n for _, n, _ in segments]], device=device).cumsum(0)
+        losses = {loss for loss, n, _ in segments if n > 0}
+        kind = losses.pop() if len(losses) == 1 else "mixed"
+        dlr = torch.cat([torch.full((n,), loss == "dlr", device=device) for loss, n, _ in segments])
+        forward_rows = torch.zeros(batch, dtype=torch.long, device=device)
+        backward_rows = torch.zeros_like(forward_rows)
 
         clean_pred = None
-        if self.targeted and self.loss == "dlr":
-            clean_logits = core.forward(x)
-            self._check_classes(clean_logits.shape[1])
-            clean_pred = clean_logits.argmax(dim=1)
+        if self.targeted and kind != "ce" and bool(dlr.any()):
+            rows = dlr.nonzero().squeeze(1)
+            clean_logits = core.forward(x[rows])
+            self._check_classes(clean_logits.shape[1], "dlr")
+            clean_pred = core.y.clone()  # CE rows never read it
+            clean_pred[rows] = clean_logits.argmax(dim=1)
+            forward_rows[rows] += 1
 
         best_delta = torch.zeros_like(x, dtype=torch.float32)
-        best_loss = torch.full((batch,), float("-inf"), device=x.device)
-        success = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        best_loss = torch.full((batch,), float("-inf"), device=device)
+        success = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(self.restarts):
             idx = (~success).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            self._single_run(core, clean_pred, eps_t, idx, best_delta, best_loss, success, generator)
-        return core.result(x + best_delta.to(x.dtype), success, self.geometry.measure)
+            # Each segment draws its random starts from its own generator, as its own call would.
+            segment = torch.bucketize(idx, bounds[1:], right=True)
+            start = torch.cat([
+                self.geometry.sample(core.x32[part], eps_t[part], generator)
+                for s, (_, _, generator) in enumerate(segments)
+                if (part := idx[segment == s]).numel()
+            ])  # fmt: skip
+            self._single_run(core, clean_pred, eps_t, idx, start, kind, dlr, best_delta, best_loss, success,
+                             (forward_rows, backward_rows))  # fmt: skip
+        extra = {"forward_passes": forward_rows, "backward_passes": backward_rows}
+        return core.result(x + best_delta.to(x.dtype), success, self.geometry.measure, extra)
 
     def _single_run(
         self,
@@ -229,19 +324,23 @@ class APGD(Attack):
         clean_pred: Tensor | None,
         eps: Tensor,
         idx: Tensor,
+        start: Tensor,
+        loss_kind: str,
+        dlr: Tensor,
         best_delta: Tensor,
         best_loss: Tensor,
         success: Tensor,
-        generator: torch.Generator | None,
+        passes: tuple[Tensor, Tensor],
     ) -> None:
-        """One APGD run on the samples ``idx``; writes fooled points and best-loss points into the outputs."""
+        """One APGD run on the samples ``idx`` from the random points ``start``; writes fooled points and best-loss
+        points into the outputs, and each sample's forward and backward passes into ``passes``."""
         geometry, steps = self.geometry, self.steps
         checkpoints = [w for w in self.checkpoints(steps)[1:] if w < steps]
         previous_checkpoint = [0]
         momentum = core.step(_momentum_step)
         x = core.x32[idx]
         n = idx.numel()
-        delta = geometry.project_ball_box(x, geometry.sample(x, eps[idx], generator), eps[idx])
+        delta = geometry.project_ball_box(x, start, eps[idx])
         # Per-sample state of the active samples; the core compacts it whenever samples get fooled.
         s = ActiveSet(
             idx, x=x, y=core.y[idx], eps=eps[idx], delta=delta, prev=delta, eta=2.0 * eps[idx],
@@ -251,20 +350,25 @@ class APGD(Attack):
         )  # fmt: skip
         if clean_pred is not None:
             s["clean"] = clean_pred[idx]
+        if loss_kind == "mixed":
+            s["dlr"] = dlr[idx]
+        forward_rows, backward_rows = passes
 
         def body(k: int, s: ActiveSet) -> Tensor | None:
             last = k == steps  # the final iterate is only scored: no gradient, no step
             if last:
                 logits = core.forward(s["x"] + s["delta"])
-                loss = self._loss(logits, s)
+                loss = self._loss(logits, s, loss_kind)
             else:
                 logits, loss, s["grad"], _ = core.value_and_grad(
-                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s)
+                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s, loss_kind)
                 )
             fooled = core.fooled(logits, s.index)
             # Fooled samples leave with their first fooling point; the one host sync of the iteration.
             if bool(fooled.any()):
                 done = s.index[fooled]
+                forward_rows[done] += k + 1
+                backward_rows[done] += min(k + 1, steps)
                 best_delta[done] = s["delta"][fooled]
                 best_loss[done] = loss[fooled]
                 success[done] = True
@@ -310,6 +414,8 @@ class APGD(Attack):
             return None
 
         core.loop(s, steps + 1, body)
+        forward_rows[s.index] += steps + 1
+        backward_rows[s.index] += steps
         # Samples still standing: keep this run's best-loss point if it beats earlier restarts.
         better = s["run_best_loss"] > best_loss[s.index]
         upd = s.index[better]

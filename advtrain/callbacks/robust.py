@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
 from advtrain.evaluation.report import RobustnessReport, accuracy_figure
-from advtrain.evaluation.robust import evaluate_robustness, prepare_attacks
+from advtrain.evaluation.robust import evaluate_robustness, fusion_enabled, prepare_attacks
 from advtrain.evaluation.sampling import seeded_subset
 from advtrain.evaluation.suites import build_suite
 
@@ -56,6 +56,11 @@ class RobustEvaluation(pl.Callback):
         every_n_epochs: during ``fit``, evaluate after every n-th validation epoch (0: never during fit).
         seed: seeds the subset and the stochastic attacks.
         cascade: see :func:`advtrain.evaluation.attack_batch`.
+        fuse: ``"auto"`` (fuse on CUDA only), ``True`` or ``False``: run each budgeted attack over the whole ε grid,
+            and APGD-CE with APGD-DLR, in one call on a concatenated batch. Fewer, larger model calls for more
+            per-sample passes: it pays where the subset's batches underfill the GPU and costs on a CPU (see
+            :func:`advtrain.evaluation.attack_batch`).
+        max_fused_batch: the most rows of one fused call.
         overrides: per-attack hyperparameters replacing the suite's, e.g. ``{"square": {"steps": 100}}``.
         tolerance: fraction of samples above which a masking check fires.
         prefix: prefix of the logged keys.
@@ -76,6 +81,8 @@ class RobustEvaluation(pl.Callback):
         every_n_epochs: int = 1,
         seed: int = 0,
         cascade: bool = True,
+        fuse: str | bool = "auto",
+        max_fused_batch: int = 1024,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         tolerance: float = 0.01,
         prefix: str = "robust",
@@ -86,6 +93,8 @@ class RobustEvaluation(pl.Callback):
         self.eps_grid = list(eps_grid) if eps_grid is not None else None
         self.num_samples, self.batch_size = num_samples, int(batch_size)
         self.every_n_epochs, self.seed, self.cascade = int(every_n_epochs), int(seed), bool(cascade)
+        fusion_enabled(fuse, max_fused_batch, "cpu")  # validates both now, not at the first evaluation
+        self.fuse, self.max_fused_batch = fuse, max_fused_batch
         self.overrides = dict(overrides or {})
         self.tolerance, self.prefix = float(tolerance), prefix
         self.last_report: RobustnessReport | None = None
@@ -142,7 +151,8 @@ class RobustEvaluation(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             report = evaluate_robustness(
                 model, self._dataset(trainer, split), entries, norm=norm, eps=eps, eps_grid=self.eps_grid,
-                cascade=self.cascade, batch_size=self.batch_size, device=pl_module.device, progress=False,
+                cascade=self.cascade, fuse=self.fuse, max_fused_batch=self.max_fused_batch,
+                batch_size=self.batch_size, device=pl_module.device, progress=False,
                 tolerance=self.tolerance, meta={"split": split, "epoch": trainer.current_epoch},
             )  # fmt: skip
         scalars = report.scalars(self.prefix)

@@ -113,13 +113,15 @@ def summarize(
     tolerance: float = 0.01,
     seconds: float = 0.0,
     meta: Mapping[str, Any] | None = None,
+    fusion: int | None = None,
 ) -> RobustnessReport:
     """Computes the report from the gathered records.
 
     Per attack: robust accuracy at each ε; success rate over the correctly classified samples it attacked (at the
     main ε for budgeted attacks); claimed, verified and falsely claimed successes (over all ε); mean norm over its
     successes and median norm over the samples it attacked with failures as +inf; ρ = ‖δ‖/‖x‖ mean and worst case
-    (largest) over its successes; pass counts and time.
+    (largest) over its successes; pass counts and time. ``fusion`` is the max fused batch of a fused run (``None``:
+    not fused), reported as ``fused`` and ``max_fused_batch``.
     """
     n = int(data["index"].numel())
     total = max(n, 1)
@@ -192,6 +194,8 @@ def summarize(
         "eps": eps,
         "eps_grid": list(grid),
         "cascade": cascade,
+        "fused": fusion is not None,
+        "max_fused_batch": fusion,
         "clean_accuracy": float(correct.sum()) / total,
         "robust_accuracy_all": all_by_eps[eps_key(eps)],
         "robust_accuracy_all_by_eps": all_by_eps,
@@ -235,7 +239,7 @@ def write_report(
     lines += [f"- {k}: `{v}`" for k, v in (meta or {}).items()]
     lines += [
         f"- samples: {data['samples']}; threat model: {data['norm']}, ε = {data['eps']:g} "
-        f"(grid {', '.join(map(eps_key, grid))}); cascade: {data['cascade']}",
+        f"(grid {', '.join(map(eps_key, grid))}); cascade: {data['cascade']}; fused: {data.get('fused', False)}",
         f"- clean accuracy: {_pct(data['clean_accuracy'])}",
         f"- robust accuracy, worst case over all attacks: {_pct(data['robust_accuracy_all'])}",
         f"- wall time: {data['wall_time_s']:.1f} s",

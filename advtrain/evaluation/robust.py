@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from advtrain.attacks.base import Attack
 from advtrain.engine.losses import margin_loss
 from advtrain.engine.modes import attack_context
+from advtrain.engine.result import AttackResult
 from advtrain.evaluation.masking import REL_TOL, within
 from advtrain.evaluation.metrics import RobustnessRecords
 from advtrain.evaluation.report import RobustnessReport, summarize
@@ -35,14 +36,34 @@ from advtrain.threat.norms import Norm, as_eps_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REL_TOL", "attack_batch", "evaluate_robustness", "prepare_attacks", "verify"]
+__all__ = ["FUSE_CHOICES", "REL_TOL", "attack_batch", "evaluate_robustness", "fusion_enabled", "prepare_attacks",
+           "verify"]  # fmt: skip
+
+
+#: The allowed values of the ``fuse`` option (see :func:`attack_batch`).
+FUSE_CHOICES = ("auto", True, False)
+
+
+def fusion_enabled(fuse: str | bool, max_fused_batch: int, device: torch.device | str) -> bool:
+    """Validates the fusion options and decides whether a run on ``device`` fuses: ``True`` and ``False`` are taken
+    as given, ``"auto"`` fuses on CUDA only (see :func:`attack_batch` for the trade-off).
+
+    Raises:
+        ValueError: for a ``fuse`` outside :data:`FUSE_CHOICES` or a ``max_fused_batch`` that is not an int >= 1.
+    """
+    if not (fuse is True or fuse is False or (isinstance(fuse, str) and fuse == "auto")):
+        raise ValueError(f"fuse must be one of {FUSE_CHOICES}, got {fuse!r}.")
+    if isinstance(max_fused_batch, bool) or not isinstance(max_fused_batch, int) or max_fused_batch < 1:
+        raise ValueError(f"max_fused_batch must be an int >= 1 (the most rows of one fused call), got "
+                         f"{max_fused_batch!r}.")  # fmt: skip
+    return torch.device(device).type == "cuda" if fuse == "auto" else fuse
 
 
 def verify(
-    model: nn.Module, inputs: Tensor, labels: Tensor, adv: Tensor, geometry: Geometry, eps: float | None = None
+    model: nn.Module, inputs: Tensor, labels: Tensor, adv: Tensor, geometry: Geometry, eps: float | Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The framework's last word on a claimed adversarial batch: clip it into the ε-ball (when ``eps`` is given) and
-    the [0, 1] box, and decide success with a fresh forward pass in eval mode.
+    """The framework's last word on a claimed adversarial batch: clip it into the ε-ball (when ``eps`` is given, a
+    scalar or one per row) and the [0, 1] box, and decide success with a fresh forward pass in eval mode.
 
     Returns:
         ``(adv, fooled, norms)``: the clipped points, whether each is misclassified, and their sizes in the threat
@@ -74,14 +95,30 @@ def _diagnostics(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor
     return first, unstable, zero
 
 
-def _timed(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, eps: float | None):
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
+def _timed(call: Callable[[], AttackResult], device: torch.device) -> tuple[AttackResult, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    result = attack(model, x, y) if eps is None else attack(model, x, y, eps=eps)
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
+    result = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
+
+
+def _fusion_groups(attacks: Sequence[EvalAttack], order: Sequence[int]) -> list[list[int]]:
+    """The budgeted attacks (in cascade ``order``) cut into runs that can share one call: consecutive attacks that
+    the run's first can take into its ``call_fused`` (it
+    :meth:`shares passes <advtrain.attacks.APGD.shares_passes_with>` with them: APGD-CE and APGD-DLR of one
+    configuration); every other attack is a run of its own."""
+    groups: list[list[int]] = []
+    for a in order:
+        lead = attacks[groups[-1][0]].attack if groups else None
+        fusable = lead is not None and callable(getattr(lead, "call_fused", None))
+        if fusable and lead.shares_passes_with(attacks[a].attack):
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    return groups
 
 
 def attack_batch(
@@ -94,6 +131,8 @@ def attack_batch(
     *,
     geometry: Geometry,
     cascade: bool = True,
+    fuse: str | bool = "auto",
+    max_fused_batch: int = 1024,
 ) -> dict[str, Tensor]:
     """Attacks one batch with every attack and verifies every claim.
 
@@ -102,14 +141,43 @@ def attack_batch(
     attacks the samples not yet broken at that ε by any earlier attack (at that ε, at a smaller one, or by a
     minimal-norm attack with a norm ≤ ε).
 
+    Fusion (``fuse``): a budgeted attack runs over the whole grid in one call, on a batch holding each sample once
+    per ε that may still need it, with a per-row ε; APGDs that differ only in their loss (APGD-CE and APGD-DLR) join
+    the same call, each row ascending its own loss (:meth:`advtrain.attacks.APGD.call_fused`). A call holds at most
+    ``max_fused_batch`` rows (more ε go to further calls; a single ε larger than that runs alone). The records are
+    then filled in cascade order from the fused results, exactly as the unfused cascade fills them: a row of ε is
+    read only where the sample still stands at ε after every earlier attack (a verified break at a smaller ε counts
+    at every larger one), and each verification has its row's ε. So for attacks that treat each sample as if alone
+    and draw nothing at random (FGSM, FGM, BIM, PGD without random start), and for seeded APGD without the cascade,
+    the records equal the unfused ones; seeded random starts are drawn for other batches than unfused, as in the
+    halves of an out-of-memory retry.
+
+    The trade-off: a fused call cannot skip the samples that earlier ε or earlier attacks of the same call break
+    (the rows are chosen before the call, from what earlier calls found), so it spends more per-sample passes than
+    the cascade, in fewer and larger model calls. That wins where the model underfills the device (a GPU at small
+    batches, where a call of 4·B rows costs about one of B rows) and loses where every row costs its share (a CPU),
+    hence ``"auto"``: fuse on CUDA only. Reported pass counts are those spent.
+
+    Args:
+        model, x, y, index: the classifier and the batch (``index``: the samples' positions in the dataset).
+        attacks: the prepared attacks (:func:`prepare_attacks`).
+        grid: the budgets, ascending.
+        geometry: the threat norm's geometry.
+        cascade: see above.
+        fuse: ``True``, ``False`` or ``"auto"`` (fuse on CUDA only), see :data:`FUSE_CHOICES`.
+        max_fused_batch: the most rows of one fused call; tune it to the largest batch that still underfills the
+            device.
+
     Returns:
         The batch record (tensors on the CPU): ``index``, ``correct``, ``x_norm`` (‖x‖ in the threat norm),
         ``zero_grad``, ``unstable`` of shape (B,); ``attacked``, ``claimed`` (the attack's own success flag),
         ``fooled`` (verified), ``norms`` (verified norm, +inf where not fooled) and ``robust`` of shape (B, A, G);
-        ``forward_passes``, ``backward_passes``, ``seconds`` of shape (A,). ``robust`` is, with ``cascade``, the
+        ``forward_passes``, ``backward_passes``, ``seconds`` of shape (A,) (the passes and time of a call that served
+        several attacks are shared out by the rows each one spent them on). ``robust`` is, with ``cascade``, the
         robust accuracy after this attack and all earlier ones (AutoAttack's convention), else under this attack
         alone. A minimal-norm attack's row is the same at every ε, except ``robust``.
     """
+    fused = fusion_enabled(fuse, max_fused_batch, x.device)
     batch, num_attacks, num_eps = x.shape[0], len(attacks), len(grid)
     logits, unstable, zero_grad = _diagnostics(model, x, y)
     correct = logits.argmax(1) == y
@@ -126,39 +194,110 @@ def attack_batch(
         "robust": torch.zeros(shape, dtype=torch.bool, device=x.device),
         "norms": torch.full(shape, float("inf"), device=x.device),
     }
+    # What the calls found, per attack and ε, on every row they ran (a superset of what the records keep).
+    ran = {name: rec[name].clone() for name in ("attacked", "claimed", "fooled", "norms")}
     sums = {
         name: torch.zeros(num_attacks, dtype=torch.float64) for name in ("forward_passes", "backward_passes", "seconds")
     }
-    best = torch.full((batch,), float("inf"), device=x.device)  # smallest verified adversarial norm so far
 
-    def run(a: int, idx: Tensor, eps: float | None, columns: slice) -> Tensor:
-        entry = attacks[a]
-        result, seconds = _timed(entry.attack, model, x[idx], y[idx], eps)
-        _, fooled, norms = verify(model, x[idx], y[idx], result.adv, geometry, eps)
+    def call(cells: Sequence[tuple[int, int | None, Tensor]]) -> None:
+        """Runs the cells ``(attack, ε column or None for a minimal-norm attack, rows)`` as one attack call."""
+        rows = torch.cat([idx for _, _, idx in cells])
+        lead = attacks[cells[0][0]].attack
+        if cells[0][1] is None:
+            eps = None
+        elif len(cells) == 1:
+            eps = grid[cells[0][1]]
+        else:
+            eps = torch.cat([as_eps_tensor(grid[g], x[idx]) for _, g, idx in cells])
+        if len(cells) > 1 and callable(getattr(lead, "call_fused", None)):
+            segments = [(attacks[a].attack, idx.numel()) for a, _, idx in cells]
+            result, seconds = _timed(lambda: lead.call_fused(model, x[rows], y[rows], segments=segments, eps=eps),
+                                     x.device)  # fmt: skip
+            per_row = (result.extra["forward_passes"].cpu(), result.extra["backward_passes"].cpu())
+        else:
+            result, seconds = _timed(lambda: lead(model, x[rows], y[rows]) if eps is None else
+                                     lead(model, x[rows], y[rows], eps=eps), x.device)  # fmt: skip
+            per_row = None
+        _, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
         found = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
-        for name, value in (("attacked", True), ("claimed", result.success[:, None]), ("fooled", fooled[:, None]),
-                            ("norms", found[:, None])):  # fmt: skip
-            rec[name][idx, a, columns] = value
-        sums["forward_passes"][a] += result.forward_passes
-        sums["backward_passes"][a] += result.backward_passes
-        sums["seconds"][a] += seconds
-        best[idx] = torch.minimum(best[idx], found)
-        return found
+        if per_row is None:  # one attack: the whole call is its own
+            per_row = tuple(torch.full((rows.numel(),), count / max(rows.numel(), 1), dtype=torch.float64)
+                            for count in (result.forward_passes, result.backward_passes))  # fmt: skip
+        offset, total = 0, max(result.forward_passes, 1)
+        for a, g, idx in cells:
+            part = slice(offset, offset + idx.numel())
+            columns = slice(None) if g is None else g
+            for name, value in (("attacked", True), ("claimed", result.success[part]), ("fooled", fooled[part]),
+                                ("norms", found[part])):  # fmt: skip
+                ran[name][idx, a, columns] = value[:, None] if g is None and name != "attacked" else value
+            spent = [float(count[part].sum()) for count in per_row]
+            sums["forward_passes"][a] += spent[0]
+            sums["backward_passes"][a] += spent[1]
+            sums["seconds"][a] += seconds * spent[0] / total
+            offset += idx.numel()
 
     order = sorted(range(num_attacks), key=lambda a: ROLES.index(attacks[a].role))
-    for a in (a for a in order if attacks[a].minimal):
+    minimal = [a for a in order if attacks[a].minimal]
+    budgeted = [a for a in order if not attacks[a].minimal]
+    for a in minimal:
         idx = correct.nonzero().squeeze(1)
         if idx.numel():
-            run(a, idx, None, slice(None))
+            call([(a, None, idx)])
+    for name in ran:
+        rec[name][:, minimal] = ran[name][:, minimal]
+    best = torch.full((batch,), float("inf"), device=x.device)  # smallest verified adversarial norm so far
+    for a in minimal:
         own = rec["norms"][:, a, 0]
+        best = torch.minimum(best, own)
         for g, eps in enumerate(grid):
             rec["robust"][:, a, g] = correct & ~within(best if cascade else own, eps)
-    for g, eps in enumerate(grid):
-        for a in (a for a in order if not attacks[a].minimal):
-            standing = correct & ~within(best, eps) if cascade else correct
-            idx = standing.nonzero().squeeze(1)
+
+    # The cells (attack, ε) in the order they run: ε by ε for the cascade, a fusion group's whole grid at once fused.
+    groups = _fusion_groups(attacks, budgeted) if fused else [[a] for a in budgeted]
+    if fused:
+        sequence = [(a, g) for group in groups for g in range(num_eps) for a in group]
+    else:
+        sequence = [(a, g) for g in range(num_eps) for a in budgeted]
+    group_of = {a: i for i, group in enumerate(groups) for a in group}
+    position = {a: i for i, a in enumerate(budgeted)}
+
+    def rows_of(a: int, g: int) -> Tensor:
+        """The samples a cell attacks: with the cascade, those not broken at ε_g by anything found at the cells
+        before it in cascade order (so never fewer than the cascade itself attacks there), else every correct one."""
+        if not cascade:
+            return correct.nonzero().squeeze(1)
+        before = [b for b in budgeted if position[b] < position[a]]
+        known = torch.cat([best[:, None], ran["norms"][:, budgeted, :g].flatten(1), ran["norms"][:, before, g]], 1)
+        return (correct & ~within(known.amin(1), grid[g])).nonzero().squeeze(1)
+
+    while sequence:
+        cells, size = [], 0
+        while sequence and (not cells or fused and group_of[sequence[0][0]] == group_of[cells[0][0]]):
+            a, g = sequence[0]
+            idx = rows_of(a, g)
+            if cells and size + idx.numel() > max_fused_batch:
+                break
+            sequence.pop(0)
             if idx.numel():
-                run(a, idx, eps, slice(g, g + 1))
+                cells.append((a, g, idx))
+                size += idx.numel()
+        if cells:
+            call(cells)
+
+    # The records, filled in cascade order from what the calls found: a cell keeps only the samples still standing
+    # there (for the unfused cascade, exactly the ones it ran on).
+    for g, eps in enumerate(grid):
+        for a in budgeted:
+            needed = correct & ~within(best, eps) if cascade else correct
+            if bool((needed & ~ran["attacked"][:, a, g]).any()):
+                raise RuntimeError(
+                    f"evaluate: attack {attacks[a].name!r} did not run on every sample still standing at eps={eps:g}: "
+                    "a bug of the fused schedule; rerun with fuse=False."
+                )
+            for name, empty in (("attacked", False), ("claimed", False), ("fooled", False), ("norms", float("inf"))):
+                rec[name][:, a, g] = torch.where(needed, ran[name][:, a, g], empty)
+            best = torch.minimum(best, rec["norms"][:, a, g])
             broken = within(best, eps) if cascade else rec["fooled"][:, a, g]
             rec["robust"][:, a, g] = correct & ~broken
     out = {name: value.detach().cpu() for name, value in rec.items()}
@@ -222,8 +361,10 @@ def prepare_attacks(
 
 
 def _fingerprint(entries: Sequence[EvalAttack], grid: Sequence[float], cascade: bool, positions: Sequence[int],
-                 batch_size: int) -> str:  # fmt: skip
-    text = json.dumps([[e.name, e.config, e.role] for e in entries] + [list(grid), cascade, batch_size])
+                 batch_size: int, fusion: int | None = None) -> str:  # fmt: skip
+    # ``fusion`` (the max fused batch of a fused run) only enters when set, so unfused fingerprints stay as they were.
+    extra = [] if fusion is None else [fusion]
+    text = json.dumps([[e.name, e.config, e.role] for e in entries] + [list(grid), cascade, batch_size, *extra])
     digest = hashlib.sha256(text.encode())
     digest.update(torch.as_tensor(list(positions)).numpy().tobytes())
     return digest.hexdigest()
@@ -234,7 +375,7 @@ _SUMMED = ("forward_passes", "backward_passes", "seconds")
 
 def attack_batch_halving_on_oom(
     model: nn.Module, x: Tensor, y: Tensor, index: Tensor, attacks: Sequence[EvalAttack], grid: Sequence[float],
-    *, geometry: Geometry, cascade: bool = True,
+    *, geometry: Geometry, cascade: bool = True, fuse: str | bool = "auto", max_fused_batch: int = 1024,
 ) -> dict[str, Tensor]:  # fmt: skip
     """:func:`attack_batch`, retried in halves (recursively) when the device runs out of memory.
 
@@ -242,8 +383,9 @@ def attack_batch_halving_on_oom(
     samples; deterministic attacks give the same numbers, seeded stochastic ones draw other random starts for the
     halves. A single sample that does not fit is reported with what to do.
     """
+    options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch}
     try:
-        return attack_batch(model, x, y, index, attacks, grid, geometry=geometry, cascade=cascade)
+        return attack_batch(model, x, y, index, attacks, grid, **options)
     except torch.OutOfMemoryError as err:
         if x.shape[0] == 1:
             raise torch.OutOfMemoryError(
@@ -257,9 +399,7 @@ def attack_batch_halving_on_oom(
     log.warning("evaluate: out of memory on a batch of %d samples; retrying it as %d + %d (pass a smaller "
                 "--batch_size to avoid the retries).", x.shape[0], half, x.shape[0] - half)  # fmt: skip
     parts = [
-        attack_batch_halving_on_oom(
-            model, x[part], y[part], index[part], attacks, grid, geometry=geometry, cascade=cascade
-        )  # fmt: skip
+        attack_batch_halving_on_oom(model, x[part], y[part], index[part], attacks, grid, **options)
         for part in (slice(0, half), slice(half, None))
     ]
     return {
@@ -306,6 +446,8 @@ def evaluate_robustness(
     eps: float | None = None,
     eps_grid: Sequence[float] | None = None,
     cascade: bool = True,
+    fuse: str | bool = "auto",
+    max_fused_batch: int = 1024,
     batch_size: int | None = None,
     device: torch.device | str = "cpu",
     max_samples: int | None = None,
@@ -331,6 +473,11 @@ def evaluate_robustness(
         eps: the main budget (``robust_accuracy_all``); required with a suite.
         eps_grid: the budgets of the accuracy-versus-ε curves (``eps`` is always included).
         cascade: budgeted attacks only attack the samples still robust (see :func:`attack_batch`).
+        fuse: run each budgeted attack over the whole ε grid in one call, and APGD-CE with APGD-DLR, on
+            concatenated batches: ``True``, ``False`` or ``"auto"`` (only on CUDA). Fewer, larger model calls for
+            more per-sample passes: a win where the model underfills the device, a loss on a CPU (see
+            :func:`attack_batch`). The records equal the unfused ones for deterministic attacks.
+        max_fused_batch: the most rows of one fused call (the largest batch that still underfills the device).
         batch_size: batch size for a Dataset (default: the DataLoader's, else 128).
         device: where to run.
         max_samples: evaluate only the first samples.
@@ -344,13 +491,16 @@ def evaluate_robustness(
     Returns:
         The :class:`RobustnessReport`.
     """
+    fused = fusion_enabled(fuse, max_fused_batch, device)
     entries, threat, eps, grid = prepare_attacks(attacks, suite=suite, norm=norm, eps=eps, eps_grid=eps_grid, seed=seed)
     geometry = geometry_for(threat)
     rank, world = dist_info()
     model = model.to(device)
     records = RobustnessRecords(len(entries), len(grid)).to(device)
     start = time.perf_counter()
-    partial = _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world)
+    fusion = max_fused_batch if fused else None
+    partial = _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world,
+                               fusion)  # fmt: skip
     total = None
     if isinstance(data, (DataLoader, Dataset)) and hasattr(data.dataset if isinstance(data, DataLoader) else data,
                                                            "__len__"):  # fmt: skip
@@ -365,7 +515,8 @@ def evaluate_robustness(
             reused += 1
         else:
             record = attack_batch_halving_on_oom(model, x.to(device), y.to(device), index, entries, grid,
-                                                 geometry=geometry, cascade=cascade)  # fmt: skip
+                                                 geometry=geometry, cascade=cascade, fuse=fused,
+                                                 max_fused_batch=max_fused_batch)  # fmt: skip
             if path is not None:
                 torch.save(record, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write leaves no half file
@@ -377,13 +528,13 @@ def evaluate_robustness(
     data_out = records.results()
     report = summarize(
         data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance,
-        seconds=time.perf_counter() - start, meta=meta,
+        seconds=time.perf_counter() - start, meta=meta, fusion=fusion,
     )  # fmt: skip
     report.log_warnings()
     return report
 
 
-def _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world):
+def _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world, fusion):
     """The folder of per-batch results, checked against (or stamped with) this run's configuration."""
     if partial_dir is None:
         return None
@@ -396,7 +547,7 @@ def _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_si
     if size is None:
         raise ValueError("Resumable evaluation (partial_dir) needs a Dataset or DataLoader.")
     size = size if max_samples is None else min(size, max_samples)
-    stamp = _fingerprint(entries, grid, cascade, range(size), batch_size or 128)
+    stamp = _fingerprint(entries, grid, cascade, range(size), batch_size or 128, fusion)
     meta_file = folder / "meta.json"
     if rank == 0:
         if resume and meta_file.is_file() and json.loads(meta_file.read_text()).get("fingerprint") != stamp:
