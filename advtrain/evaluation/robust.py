@@ -222,8 +222,9 @@ def attack_batch(
         _, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
         found = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
         if per_row is None:  # one attack: the whole call is its own
-            per_row = tuple(torch.full((rows.numel(),), count / max(rows.numel(), 1), dtype=torch.float64)
-                            for count in (result.forward_passes, result.backward_passes))  # fmt: skip
+            for name, value in (("forward_passes", result.forward_passes), ("backward_passes", result.backward_passes),
+                                ("seconds", seconds)):  # fmt: skip
+                sums[name][cells[0][0]] += value
         offset, total = 0, max(result.forward_passes, 1)
         for a, g, idx in cells:
             part = slice(offset, offset + idx.numel())
@@ -231,10 +232,11 @@ def attack_batch(
             for name, value in (("attacked", True), ("claimed", result.success[part]), ("fooled", fooled[part]),
                                 ("norms", found[part])):  # fmt: skip
                 ran[name][idx, a, columns] = value[:, None] if g is None and name != "attacked" else value
-            spent = [float(count[part].sum()) for count in per_row]
-            sums["forward_passes"][a] += spent[0]
-            sums["backward_passes"][a] += spent[1]
-            sums["seconds"][a] += seconds * spent[0] / total
+            if per_row is not None:  # a shared call: each attack gets the passes its rows spent, and their time share
+                forward, backward = (int(count[part].sum()) for count in per_row)
+                sums["forward_passes"][a] += forward
+                sums["backward_passes"][a] += backward
+                sums["seconds"][a] += seconds * forward / total
             offset += idx.numel()
 
     order = sorted(range(num_attacks), key=lambda a: ROLES.index(attacks[a].role))
