@@ -150,7 +150,7 @@ def test_constructor_is_cli_friendly(key: str) -> None:
         "seed": 0,
         "download": True,
         "augment": True,
-        "pin_memory": False,
+        "pin_memory": None,  # None: pinned when the trainer runs on CUDA (tests/test_host_syncs.py)
         "train_subset": None,
     }
     for name, default in expected.items():

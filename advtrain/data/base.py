@@ -187,13 +187,15 @@ class AdvDataModule(pl.LightningDataModule):
         root: Folder holding the datasets.
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (kept alive across epochs, ``persistent_workers``).
         val_size: Number of training samples held out (with a seeded permutation) for validation. With 0 there is
             no validation split and ``val_dataloader`` serves the test set.
         seed: Seed of the train/validation split and of the training loader's shuffling.
         download: Whether ``prepare_data`` may download missing files.
         augment: Whether to augment training images (datasets without augmentations ignore it).
-        pin_memory: Passed to the DataLoaders.
+        pin_memory: Whether the DataLoaders put batches in page-locked memory. ``None`` (default): when the trainer
+            runs on a CUDA device. Lightning moves batches with ``non_blocking=True``; from pinned memory that copy
+            is asynchronous and overlaps the previous step's kernels, from pageable memory the host copies it first.
         train_subset: If given, train on only the first ``train_subset`` samples of the seeded training permutation
             (for quick runs).
     """
@@ -215,7 +217,7 @@ class AdvDataModule(pl.LightningDataModule):
         seed: int = 0,
         download: bool = True,
         augment: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         train_subset: int | None = None,
     ) -> None:
         super().__init__()
@@ -342,6 +344,14 @@ class AdvDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.{caller}() needs setup({stage!r}) to be called first")
         return dataset
 
+    def _pin_memory(self) -> bool:
+        """``pin_memory`` as configured, or (``None``) whether the attached trainer runs on a CUDA device."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        from pytorch_lightning.accelerators import CUDAAccelerator
+
+        return isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
+
     def _loader(
         self, dataset: Dataset, *, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
     ) -> DataLoader:
@@ -351,7 +361,7 @@ class AdvDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             drop_last=False,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
             generator=generator,
         )

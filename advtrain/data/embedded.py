@@ -105,7 +105,7 @@ class MNIST5kDataModule(AdvDataModule):
         seed: Seed of the validation split and of the training loader's shuffling.
         download: Ignored.
         augment: Ignored (no augmentation for digits here).
-        pin_memory: Passed to the DataLoaders.
+        pin_memory: Page-locked batches; ``None``: when the trainer runs on CUDA (see :class:`AdvDataModule`).
         train_subset: If given, train on only the first ``train_subset`` digits of the seeded training permutation.
     """
 
@@ -127,7 +127,7 @@ class MNIST5kDataModule(AdvDataModule):
         seed: int = 0,
         download: bool = True,
         augment: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         train_subset: int | None = None,
     ) -> None:
         super().__init__(

@@ -57,28 +57,42 @@ class ProbabilitiesWarning(UserWarning):
     """The model seems to return probabilities (softmax outputs) where logits are expected."""
 
 
-def warn_if_probabilities(outputs: Tensor) -> bool:
-    """Warns (once per call site) when a model's outputs look like probabilities rather than logits: every row in
-    [0, 1] and summing to 1. Attacks and losses then work on a saturated softmax, whose gradients vanish — the
-    classic source of gradient masking — and cross-entropy is applied twice. Returns whether it warned.
-
-    A logit vector meets this test only by accident (all K logits in [0, 1] with sum exactly 1), so the check does
-    not fire on real classifiers.
-    """
+def looks_like_probabilities(outputs: Tensor) -> Tensor | None:
+    """The test behind :func:`warn_if_probabilities` without reading its answer: a 0-dim bool tensor on the outputs'
+    device (so no host sync), true when every row lies in [0, 1] and sums to 1 (``torch.allclose``'s tolerances,
+    atol 1e-4); ``None`` when the shape or dtype already rules probabilities out. The training module keeps the
+    answer on the device and reads it with its next divergence check."""
     if outputs.ndim != 2 or outputs.shape[1] < 2 or not torch.is_floating_point(outputs):
-        return False
+        return None
     out = outputs.detach().float()
-    lo, hi = torch.aminmax(out)
-    if float(lo) < 0.0 or float(hi) > 1.0:
-        return False
-    if not torch.allclose(out.sum(dim=1), torch.ones(out.shape[0], device=out.device), atol=1e-4):
-        return False
+    sums = out.sum(dim=1)
+    in_box = ((out >= 0.0) & (out <= 1.0)).all()
+    return in_box & torch.isclose(sums, torch.ones_like(sums), atol=1e-4).all()
+
+
+def warn_probabilities(stacklevel: int = 2) -> None:
+    """Issues the :class:`ProbabilitiesWarning` (see :func:`warn_if_probabilities`)."""
     warnings.warn(
         "The model's outputs lie in [0, 1] and sum to 1 per sample: it seems to return probabilities, not logits. "
         "advtrain's losses and attacks expect logits (the softmax is applied inside the loss); on probabilities "
         "the gradients saturate, attacks look weaker than they are (gradient masking) and cross-entropy is "
         "applied twice. Remove the final softmax from the model (return the pre-softmax scores).",
         ProbabilitiesWarning,
-        stacklevel=3,
+        stacklevel=stacklevel + 1,
     )
+
+
+def warn_if_probabilities(outputs: Tensor) -> bool:
+    """Warns (once per call site) when a model's outputs look like probabilities rather than logits: every row in
+    [0, 1] and summing to 1. Attacks and losses then work on a saturated softmax, whose gradients vanish — the
+    classic source of gradient masking — and cross-entropy is applied twice. Returns whether it warned.
+
+    A logit vector meets this test only by accident (all K logits in [0, 1] with sum exactly 1), so the check does
+    not fire on real classifiers. Reading the answer is one host sync (:func:`looks_like_probabilities` is the
+    sync-free half).
+    """
+    flag = looks_like_probabilities(outputs)
+    if flag is None or not bool(flag):
+        return False
+    warn_probabilities(stacklevel=3)
     return True

@@ -110,6 +110,10 @@ class AttackCore:
         autocast: run the model under autocast in this dtype (e.g. ``torch.bfloat16``); logits come back in float32
             and the attack's variables stay float32.
         compile: :meth:`step` returns the ``torch.compile``-d version of an elementwise step (see :func:`fused`).
+        checks: check the inputs here and the labels (and for probabilities) at the first model call. Each check
+            reads values back from the device (a host sync); trusted callers that validated the batch already — the
+            training maximizers, whose batch :class:`~advtrain.training.AdversarialTraining` checks on the host
+            before it reaches the device — pass ``False``. Attacks called by users always check.
     """
 
     def __init__(
@@ -121,9 +125,11 @@ class AttackCore:
         targeted: bool = False,
         autocast: torch.dtype | None = None,
         compile: bool = False,
+        checks: bool = True,
     ) -> None:
         require_grad_mode()
-        check_inputs(inputs)
+        if checks:
+            check_inputs(inputs)
         self.model = model
         self.x = inputs.detach()
         self.x32 = self.x.float()
@@ -135,7 +141,7 @@ class AttackCore:
         self.autocast = autocast
         self.compile = bool(compile)
         self.counter = PassCounter()
-        self._labels_checked = False
+        self._labels_checked = not checks
 
     def everyone(self, **state: Tensor) -> ActiveSet:
         """An :class:`ActiveSet` of the whole batch."""

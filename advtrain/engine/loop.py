@@ -46,6 +46,7 @@ def gradient_ascent(
     generator: torch.Generator | None = None,
     autocast: torch.dtype | None = None,
     compile: bool = False,
+    checks: bool = True,
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -73,11 +74,13 @@ def gradient_ascent(
             gradient step and the norms stay in float32.
         compile: use the fused (``torch.compile``-d) :func:`ascent_step`; the eager step is the reference
             it is tested against.
+        checks: check inputs and labels (see :class:`~advtrain.engine.core.AttackCore`); the training maximizers,
+            whose batch was validated before it reached the device, pass ``False`` to save the host syncs.
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
     """
-    core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile)
+    core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile, checks=checks)
     x, y, batch, device = core.x, core.y, core.batch, core.device
     sign = -1.0 if targeted else 1.0
 

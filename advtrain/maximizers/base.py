@@ -7,10 +7,14 @@ method allows.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
+
+from advtrain.engine.core import AttackCore
 
 
 @dataclass
@@ -36,6 +40,11 @@ class InnerMaximizer(ABC):
     ``model`` is the bare classifier (not the LightningModule). The maximizer must leave the model's modes and
     parameter flags as it found them (use :func:`advtrain.engine.attack_context`).
 
+    The batch comes validated (images in [0, 1], labels in range): :class:`~advtrain.training.AdversarialTraining`
+    checks it on the host before it reaches the device. Maximizers therefore do not check it again — each check
+    reads values back from the device, a host sync per step — and run their attack cores with ``checks=False``;
+    call :func:`advtrain.engine.checks.check_inputs` and ``check_labels`` first when using one on an unchecked batch.
+
     A maximizer that computes the weight gradients itself (YOPO) sets ``manual_optimization = True`` and implements
     ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation.
     """
@@ -49,6 +58,32 @@ class InnerMaximizer(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def checked_budget(eps: float, name: str = "eps") -> float:
+    """A maximizer's budget as a float, validated once at construction (finite and >= 0), so that each call can build
+    its per-sample tensor with :func:`batch_budget` without reading anything back from the device."""
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}.")
+    return eps
+
+
+def batch_budget(eps: float, inputs: Tensor) -> Tensor:
+    """The (B,) float32 budget tensor on the inputs' device: a fill kernel, not a copy from host memory, and no
+    value checks (the float was checked by :func:`checked_budget`) — no host sync, unlike
+    :func:`advtrain.threat.norms.as_eps_tensor`, which validates tensors of unknown origin."""
+    return torch.full((inputs.shape[0],), eps, dtype=torch.float32, device=inputs.device)
+
+
+class TrustedBatchAttack:
+    """Mixin for an attack that a maximizer runs on the training batch: its core skips the per-call input and label
+    checks (``AttackCore(checks=False)``), as the batch was validated before it reached the device. Put it first:
+    ``class _DDN(TrustedBatchAttack, DDN)``."""
+
+    def core(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> AttackCore:
+        return AttackCore(model, inputs, labels, targeted=self.targeted, autocast=self._autocast,
+                          compile=self.compile, checks=False)  # fmt: skip
 
 
 class Standard(InnerMaximizer):

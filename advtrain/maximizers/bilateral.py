@@ -13,9 +13,8 @@ from torch import Tensor, nn
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import cross_entropy
 from advtrain.engine.modes import AttackMode, attack_context
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 
 def adversarial_labels(probs: Tensor, labels: Tensor, *, beta: float = 9.0, gamma: float = 0.01) -> Tensor:
@@ -90,7 +89,7 @@ class Bilateral(InnerMaximizer):
             raise ValueError(f"label must be 'adversarial' or 'smooth', got {label!r}.")
         self._geometry = geometry_for(norm)
         self.norm = self._geometry.norm.value
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.step_size = step_size
         self.label = label
         self.beta = float(beta)
@@ -98,7 +97,7 @@ class Bilateral(InnerMaximizer):
         self.attack_mode = AttackMode.parse(attack_mode).value
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        eps = as_eps_tensor(self.eps, inputs)
+        eps = batch_budget(self.eps, inputs)
         alpha = eps.clone() if self.step_size is None else torch.full_like(eps, self.step_size)
         with attack_context(model, self.attack_mode):
             with torch.no_grad():
@@ -107,6 +106,7 @@ class Bilateral(InnerMaximizer):
             result = gradient_ascent(
                 model, inputs, target, geometry=self._geometry, eps=eps, step_size=alpha, steps=1,
                 loss_fn=cross_entropy, random_start=True, targeted=True, keep_best=False, early_stop=False,
+                checks=False,  # validated batch (see InnerMaximizer); the targets are in range by construction
             )  # fmt: skip
         probs = F.softmax(logits, dim=1)
         if self.label == "adversarial":

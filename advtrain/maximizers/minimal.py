@@ -12,22 +12,33 @@ from advtrain.attacks.ddn import DDN as DDNAttack
 from advtrain.attacks.trust_region import TrustRegion
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, TrustedBatchAttack, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
+
+
+class _TrainingDDN(TrustedBatchAttack, DDNAttack):
+    """DDN on a batch validated by the training module (no per-call checks, see :class:`TrustedBatchAttack`)."""
+
+
+class _TrainingTrustRegion(TrustedBatchAttack, TrustRegion):
+    """The trust-region attack on a batch validated by the training module (no per-call checks)."""
 
 
 class _ProjectedMinimalNorm(InnerMaximizer):
     """Runs a minimal-norm attack in eval mode with frozen parameters, then shrinks each training point into the
     ε-ball and the box (the projection only ever shrinks: a perturbation already inside is kept). Which point a
-    sample the attack never fooled trains on is the subclass's decision (:meth:`_start_point`)."""
+    sample the attack never fooled trains on is the subclass's decision (:meth:`_start_point`).
+
+    Host syncs: the attacks keep theirs (DDN: one per iteration, the zero-gradient test, plus the boolean-mask
+    updates of its best-point tracker; TR: the active-set bookkeeping of its adaptive radius); the input and label
+    checks are skipped (the batch was validated before it reached the device) and the projection adds none."""
 
     norm: str
     _inner: object  # the attack, set by subclasses
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
         geometry = geometry_for(self.norm)
-        eps = as_eps_tensor(self.eps, inputs)
+        eps = batch_budget(self.eps, inputs)
         with attack_context(model, "eval"):
             result = self._inner(model, inputs, labels)
         delta = geometry.project_ball_box(inputs, self._start_point(result) - inputs, eps)
@@ -62,11 +73,11 @@ class DDN(_ProjectedMinimalNorm):
 
     def __init__(self, *, eps: float = 1.0, steps: int = 100, gamma: float = 0.05, levels: int | None = 256) -> None:
         self.norm = "l2"
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.steps = int(steps)
         self.gamma = float(gamma)
         self.levels = levels
-        self._inner = DDNAttack(steps=steps, gamma=gamma, levels=levels)
+        self._inner = _TrainingDDN(steps=steps, gamma=gamma, levels=levels)
 
 
 class TRLinf(_ProjectedMinimalNorm):
@@ -105,12 +116,12 @@ class TRLinf(_ProjectedMinimalNorm):
         order: Literal[1, 2] = 1,
     ) -> None:
         self.norm = "linf"
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.steps = int(steps)
         self.radius = float(radius)
         self.radius_bounds = None if radius_bounds is None else (float(radius_bounds[0]), float(radius_bounds[1]))
         self.order = order
-        self._inner = TrustRegion(
+        self._inner = _TrainingTrustRegion(
             norm="linf",
             steps=steps,
             radius=radius,

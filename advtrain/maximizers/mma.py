@@ -12,7 +12,11 @@ from torch import Tensor, nn
 from advtrain.attacks.anpgd import ANPGD
 from advtrain.engine.losses import soft_logit_margin
 from advtrain.engine.modes import attack_context
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, TrustedBatchAttack
+
+
+class _TrainingANPGD(TrustedBatchAttack, ANPGD):
+    """AN-PGD on a batch validated by the training module (no per-call checks, see :class:`TrustedBatchAttack`)."""
 
 
 class MMA(InnerMaximizer, nn.Module):
@@ -35,6 +39,12 @@ class MMA(InnerMaximizer, nn.Module):
     Under ``torch.distributed`` (DDP) every update all-gathers the (index, new margin) pairs of all ranks before writing
     the buffer, so every rank holds what one process would hold after seeing the same samples (DDP also broadcasts rank
     0's buffers, which would otherwise drop the other ranks' writes).
+
+    Host syncs (inherent to the per-example ε search, on data-dependent subsets): reading the largest index to size the
+    margin buffer, selecting the correct examples (one ``nonzero``), AN-PGD's own (its active sets: a count per PGD
+    step and bisection step) and, in :class:`~advtrain.training.objectives.MMALoss`, selecting the examples trained
+    adversarially (one ``nonzero``). The input and label checks are skipped (the batch was validated before it
+    reached the device).
 
     Args:
         norm: ``"linf"`` or ``"l2"``.
@@ -61,7 +71,9 @@ class MMA(InnerMaximizer, nn.Module):
         self.min_eps = float(min_eps)
         self.steps = int(steps)
         self.bisection_steps = int(bisection_steps)
-        self._attack = ANPGD(norm=norm, eps=min_eps, max_eps=max_eps, steps=steps, bisection_steps=bisection_steps)
+        self._attack = _TrainingANPGD(
+            norm=norm, eps=min_eps, max_eps=max_eps, steps=steps, bisection_steps=bisection_steps
+        )
         self.register_buffer("margins", torch.zeros(0))
 
     def _grow(self, size: int) -> None:
@@ -86,22 +98,26 @@ class MMA(InnerMaximizer, nn.Module):
             raise ValueError("MMA keeps a margin per training example and needs the dataset index in each batch; "
                              "advtrain's datamodules yield (x, y, index).")  # fmt: skip
         index = index.to(self.margins.device)
-        self._grow(int(index.max()) + 1)
+        self._grow(int(index.max()) + 1)  # a host sync: the buffer grows to the largest index seen
         with torch.no_grad(), attack_context(model, "eval"):
             correct = soft_logit_margin(model(inputs).float(), labels) < 0
         eps_star = torch.zeros(inputs.shape[0], device=inputs.device)
         adv = inputs.detach().clone()
-        if bool(correct.any()):
-            start = self.margins[index[correct]].clamp_min(self.min_eps).to(inputs.device)
-            result = self._attack(model, inputs[correct], labels[correct], eps=start)
+        # Only the correct examples are attacked: one host sync for their positions, then gathers and scatters (a
+        # boolean mask would sync at every use).
+        chosen = correct.nonzero().squeeze(1)
+        if chosen.numel() > 0:
+            start = self.margins[index[chosen]].clamp_min(self.min_eps).to(inputs.device)
+            result = self._attack(model, inputs[chosen], labels[chosen], eps=start)
             found = torch.where(result.success, result.norms, torch.full_like(result.norms, 1.05 * self.max_eps))
-            eps_star[correct] = found
-            adv[correct] = result.adv
+            eps_star[chosen] = found
+            adv[chosen] = result.adv
         use_adv = correct & (eps_star < self.max_eps)
         adv = torch.where(use_adv.view(-1, *([1] * (inputs.ndim - 1))), adv, inputs.detach())
-        index, eps_star_all = _all_gather_pairs(index, eps_star.to(self.margins.device))
-        self._grow(int(index.max()) + 1)
-        self.margins[index] = eps_star_all
+        everywhere, eps_star_all = _all_gather_pairs(index, eps_star.to(self.margins.device))
+        if everywhere is not index:  # the other ranks' examples may lie beyond this rank's largest index
+            self._grow(int(everywhere.max()) + 1)
+        self.margins[everywhere] = eps_star_all
         return Perturbation(adv=adv, eps=eps_star, extra={"correct": correct, "use_adv": use_adv})
 
     def __repr__(self) -> str:

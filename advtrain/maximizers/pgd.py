@@ -10,9 +10,8 @@ from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import cross_entropy
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.tracking import autocast_dtype
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 
 class PGD(InnerMaximizer):
@@ -56,7 +55,7 @@ class PGD(InnerMaximizer):
             raise ValueError(f"eps must be >= 0 and step_size > 0, got eps={eps}, step_size={step_size}.")
         self._geometry = geometry_for(norm)
         self.norm = self._geometry.norm.value
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.steps = int(steps)
         self.step_size = step_size
         self.random_start = bool(random_start)
@@ -66,7 +65,7 @@ class PGD(InnerMaximizer):
         self.compile = bool(compile)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        eps = as_eps_tensor(self.eps, inputs)
+        eps = batch_budget(self.eps, inputs)
         alpha = eps * (2.5 / self.steps) if self.step_size is None else eps.new_full(eps.shape, self.step_size)
         with attack_context(model, self.attack_mode):
             result = gradient_ascent(
@@ -83,5 +82,6 @@ class PGD(InnerMaximizer):
                 early_stop=False,
                 autocast=self._autocast,
                 compile=self.compile,
+                checks=False,  # the batch was validated before it reached the device (see InnerMaximizer)
             )
         return Perturbation(adv=result.adv, eps=eps)

@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.engine.checks import check_inputs
 from advtrain.engine.loop import ascent_step
 from advtrain.engine.modes import AttackMode, attack_context
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 
 def kl_to_clean(clean_probs: Tensor, adv_logits: Tensor) -> Tensor:
@@ -55,16 +53,15 @@ class TRADES(InnerMaximizer):
             raise ValueError("TRADES needs steps >= 1, eps >= 0, step_size > 0 and init_std >= 0.")
         self._geometry = geometry_for(norm)
         self.norm = self._geometry.norm.value
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.steps = int(steps)
         self.step_size = float(step_size)
         self.init_std = float(init_std)
         self.attack_mode = AttackMode.parse(attack_mode).value
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        check_inputs(inputs)
-        x = inputs.detach()
-        eps = as_eps_tensor(self.eps, x)
+        x = inputs.detach()  # validated by the caller (see InnerMaximizer)
+        eps = batch_budget(self.eps, x)
         alpha = torch.full_like(eps, self.step_size)
         with attack_context(model, self.attack_mode):
             with torch.no_grad():

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.engine.checks import check_inputs
 from advtrain.engine.loop import ascent_step
-from advtrain.maximizers.base import InnerMaximizer, Perturbation
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
-from advtrain.threat.norms import as_eps_tensor
 
 
 @dataclass
@@ -81,7 +79,7 @@ class YOPO(InnerMaximizer):
             raise ValueError(f"YOPO needs m >= 1, n >= 0, sigma > 0, eps >= 0; got m={m}, n={n}, sigma={sigma}.")
         self._geometry = geometry_for(norm)
         self.norm = self._geometry.norm.value
-        self.eps = float(eps)
+        self.eps = checked_budget(eps)
         self.m = int(m)
         self.n = int(n)
         self.sigma = float(sigma)
@@ -96,7 +94,7 @@ class YOPO(InnerMaximizer):
 
         Args:
             model: an :class:`advtrain.models.Classifier` in train mode.
-            inputs: clean batch in [0, 1].
+            inputs: clean batch in [0, 1], validated by the caller (see :class:`InnerMaximizer`).
             labels: true labels.
             backward: the backward function to use (Lightning's ``manual_backward``, or ``Tensor.backward``).
 
@@ -105,9 +103,8 @@ class YOPO(InnerMaximizer):
         """
         if not (hasattr(model, "layer_one") and hasattr(model, "rest")):
             raise TypeError("YOPO needs a model split into layer_one/rest (an advtrain.models.Classifier).")
-        check_inputs(inputs)
         x = inputs.detach()
-        eps = as_eps_tensor(self.eps, x)
+        eps = batch_budget(self.eps, x)
         sigma = torch.full_like(eps, self.sigma)
         eta = self._geometry.project_ball_box(x, self._geometry.sample(x, eps), eps)
         losses, logits = [], None

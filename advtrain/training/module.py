@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -15,15 +17,22 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from advtrain.attacks.base import Attack
-from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabilities
+from advtrain.engine.checks import check_inputs, check_labels
 from advtrain.engine.modes import attack_context
-from advtrain.errors import TrainingDivergedError
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
+from advtrain.training.divergence import DivergenceWatch, check_every_option
 from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
 from advtrain.training.schedules import total_steps_context
 
 log = logging.getLogger(__name__)
+
+# Lightning notes, on every fit with a datamodule, that the module's batch-transfer hooks are the ones it will call:
+# they are meant to be (the host-side batch checks); a datamodule overriding them takes over, and the step then
+# checks the batch itself.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in"
+)
 
 _COMPONENT_ARGS = ("maximizer", "objective", "optimizer", "lr_scheduler", "val_attack")
 
@@ -38,6 +47,14 @@ class AdversarialTraining(pl.LightningModule):
     frozen), then minimises the outer objective with the model in train mode. Validation logs clean accuracy
     and, when ``val_attack`` is set, robust accuracy under it, re-checked with a fresh forward pass on the
     returned adversarial inputs.
+
+    A training step never makes the host wait for the device (PGD, Fast AT, TRADES, bilateral; MMA, DDN and TR-L∞
+    keep the syncs of their algorithms, YOPO none of its own): the batch is validated on the host before it is moved
+    to the device (:meth:`on_before_batch_transfer`), so the maximizers skip their per-call checks; a non-finite loss
+    or gradient is recorded on the device and read back every ``divergence_check_every`` steps, at epoch ends and
+    before every checkpoint (:mod:`advtrain.training.divergence`); the step loss goes to the logger, which Lightning
+    converts every ``log_every_n_steps`` steps, and not to the progress bar, which Lightning 2.6 converts after every
+    batch whatever its refresh rate (the progress bar shows the epoch accuracy).
 
     Args:
         arch: registered model name (see :func:`advtrain.models.list_models`).
@@ -54,7 +71,16 @@ class AdversarialTraining(pl.LightningModule):
         val_attack: attack for robust validation accuracy (``None``: clean accuracy only).
         track_clean_train: also log clean accuracy/loss on the training batches (an extra no-grad forward in
             eval mode, which does not touch BatchNorm statistics).
-        validate_batches: check every batch for images outside [0, 1] and labels out of range.
+        validate_batches: check every batch for images outside [0, 1] and labels out of range: on the host, before
+            the batch moves to the device (no host sync, and a bad label never reaches CUDA, where it would be an
+            unrecoverable device-side assert); a batch that is already on the device (a loader producing GPU tensors)
+            is checked in the step instead, at the cost of a few host syncs. ``False`` skips both, and the
+            maximizers do not re-check either.
+        divergence_check_every: read the device-side record of non-finite losses and gradients every this many
+            steps (and at epoch ends and before every checkpoint, whatever the value); training stops at most this
+            many steps after the first bad step, and no checkpoint ever holds its weights. ``None`` (default):
+            ``trainer.log_every_n_steps`` (50 when logging is off). ``1``: at once, before the bad step changes the
+            weights in memory, at one host sync per step.
         init_weights: start from the classifier weights of a checkpoint (an advtrain ``.ckpt`` or a plain state dict,
             read without executing code) — e.g. DDN's CIFAR recipe fine-tunes a standard-trained model.
     """
@@ -75,6 +101,7 @@ class AdversarialTraining(pl.LightningModule):
         val_attack: Attack | None = None,
         track_clean_train: bool = True,
         validate_batches: bool = True,
+        divergence_check_every: int | None = None,
         init_weights: str | None = None,
     ) -> None:
         super().__init__()
@@ -95,12 +122,19 @@ class AdversarialTraining(pl.LightningModule):
         self.val_attack = val_attack
         self.track_clean_train = track_clean_train
         self.validate_batches = validate_batches
+        self.divergence_check_every = check_every_option(divergence_check_every)
+        self._divergence = DivergenceWatch()
         self._checked_outputs = False  # the first training batch's logits are checked for probabilities
+        self._host_checked = False  # on_before_batch_transfer checked the batch now being moved to the device
+        self._checked_inputs: weakref.ref | None = None  # the device-side inputs of that batch
+        self._batch_idx = 0  # of the current training step, for the divergence record of its gradients
 
-        acc = dict(num_classes=num_classes, average="micro")
+        # The labels are checked with the batch (on the host): the metrics' own argument checks would read them back
+        # from the device every step. The training loss's NaN check is off for the same reason (a NaN stops training).
+        acc = dict(num_classes=num_classes, average="micro", validate_args=False)
         self.train_acc = MulticlassAccuracy(**acc)
         self.train_clean_acc = MulticlassAccuracy(**acc)
-        self.train_clean_loss = MeanMetric()
+        self.train_clean_loss = MeanMetric(nan_strategy="disable")
         self.val_clean_acc = MulticlassAccuracy(**acc)
         self.val_robust_acc = MulticlassAccuracy(**acc)
         self.val_loss = MeanMetric()
@@ -115,32 +149,55 @@ class AdversarialTraining(pl.LightningModule):
             check_inputs(x)
             check_labels(y, self.num_classes, x.shape[0])
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Validates the batch on the host, before Lightning moves it to the device: reading host tensors costs no
+        device sync, and bad labels are stopped before they reach CUDA. A batch already on the device is left to
+        the step's own check."""
+        self._host_checked = False
+        if self.validate_batches and _is_host_batch(batch):
+            x, y, _ = _unpack(batch)
+            self._check(x, y)
+            self._host_checked = True
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Remembers which device tensor was checked on the host: the step then skips its own check of it.
+        self._checked_inputs = weakref.ref(batch[0]) if self._host_checked else None
+        self._host_checked = False
+        return batch
+
+    def _check_unless_checked_on_host(self, x: Tensor, y: Tensor) -> None:
+        if self._checked_inputs is None or self._checked_inputs() is not x:
+            self._check(x, y)
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y, index = _unpack(batch)
-        self._check(x, y)
+        self._check_unless_checked_on_host(x, y)
+        where = dict(epoch=self.current_epoch, batch=batch_idx, step=self.global_step)
+        self._batch_idx = batch_idx
         if self.automatic_optimization:
             pert = self.maximizer(self.model, x, y, index)
             out = self.objective(self.model, x, y, pert)
+            self._divergence.loss(out.loss, **where)
         else:
-            out = self._manual_step(x, y)
-        if not torch.isfinite(out.loss):
-            raise TrainingDivergedError(
-                f"The training loss is {float(out.loss.detach())} at epoch {self.current_epoch}, batch {batch_idx}. "
-                "Lower the learning rate or check the data; the last checkpoint is intact."
-            )
+            out = self._manual_step(x, y, where)
         if not self._checked_outputs:
             self._checked_outputs = True
-            warn_if_probabilities(out.logits)
+            self._divergence.outputs(out.logits)
         prefix = "train/adv" if out.adversarial else "train/clean"
-        self.train_acc(out.logits.detach(), y)
-        self.log(f"{prefix}_loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.train_acc.update(out.logits.detach(), y)
+        # Not in the progress bar: Lightning would convert the step value to a Python number after every batch.
+        self.log(f"{prefix}_loss", out.loss.detach(), on_step=True, on_epoch=True)
         self.log(f"{prefix}_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+        # A Python number would go to the device as a blocking copy from host memory (Lightning's torch.tensor(lr,
+        # device=...)); torch.full passes it to a fill kernel instead. Same float32 value, same epoch mean.
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", torch.full((), lr, device=x.device), on_step=False, on_epoch=True)
         if self.track_clean_train and out.adversarial:
             with torch.no_grad(), attack_context(self.model, "eval"):
                 clean_logits = self.model(x)
-            self.train_clean_loss(torch.nn.functional.cross_entropy(clean_logits, y))
-            self.train_clean_acc(clean_logits, y)
+            self.train_clean_loss.update(torch.nn.functional.cross_entropy(clean_logits, y))
+            self.train_clean_acc.update(clean_logits, y)
             self.log("train/clean_loss", self.train_clean_loss, on_step=False, on_epoch=True)
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
         return out.loss
@@ -159,32 +216,55 @@ class AdversarialTraining(pl.LightningModule):
                          type(self.maximizer).__name__)  # fmt: skip
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # A finite loss can still give non-finite gradients (a 0/0 in a custom layer, an overflow): stop before the
-        # step writes them into the weights, so that the checkpoints on disk stay good. With fp16 loss scaling,
-        # inf gradients are expected now and then: the scaler skips those steps itself.
+        # A finite loss can still give non-finite gradients (a 0/0 in a custom layer, an overflow): recorded here, and
+        # read before any checkpoint is written, so that the checkpoints on disk stay good (with
+        # divergence_check_every=1, before this step writes them into the weights). With fp16 loss scaling, inf
+        # gradients are expected now and then: the scaler skips those steps itself.
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-            raise TrainingDivergedError(
-                f"Non-finite gradients at epoch {self.current_epoch}, step {self.global_step} (the loss was finite). "
-                "Lower the learning rate, clip gradients (--trainer.gradient_clip_val) or check the model; the last "
-                "checkpoint is intact and can be resumed with --ckpt_path last."
-            )
+        self._divergence.gradients(grads, epoch=self.current_epoch, batch=self._batch_idx, step=self.global_step)
 
-    def _manual_step(self, x: Tensor, y: Tensor) -> ObjectiveOutput:
+    def _manual_step(self, x: Tensor, y: Tensor, where: dict[str, int]) -> ObjectiveOutput:
         """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO)."""
         optimizer = self.optimizers()
         optimizer.zero_grad()
         step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
-        if torch.isfinite(step.loss):  # a non-finite loss is reported by the caller, and the weights stay untouched
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
-                scheduler.step()
+        self._divergence.loss(step.loss, **where)  # with divergence_check_every=1 this raises before the weights move
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
+            scheduler.step()
         return ObjectiveOutput(step.loss, step.logits, adversarial=True)
 
+    # ------------------------------------------------------------------------ reading the divergence record
+
+    def on_train_start(self) -> None:
+        every = self.divergence_check_every
+        if every is None:
+            every = self.trainer.log_every_n_steps or 50
+        self._divergence.every = every
+
+    def _read_divergence(self) -> None:
+        self._divergence.check(now=self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._divergence.step_done():
+            self._read_divergence()
+
+    def on_validation_start(self) -> None:
+        self._read_divergence()  # no validation (nor a checkpoint it would trigger) on diverged weights
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called while Lightning builds the checkpoint, before the file is written: raising here keeps the previous
+        # checkpoint as the last one on disk.
+        self._read_divergence()
+
+    def on_train_end(self) -> None:
+        self._read_divergence()
+
     def on_train_epoch_end(self) -> None:
+        self._read_divergence()
         if not self.automatic_optimization:
             scheduler = self.lr_schedulers()
             if scheduler is not None and getattr(scheduler, "interval", "epoch") == "epoch":
@@ -192,7 +272,7 @@ class AdversarialTraining(pl.LightningModule):
 
     def _evaluate(self, batch: Sequence[Tensor], clean_acc, robust_acc, stage: str) -> None:
         x, y, _ = _unpack(batch)
-        self._check(x, y)
+        self._check_unless_checked_on_host(x, y)
         with torch.no_grad():
             logits = self.model(x)
         clean_acc(logits, y)
@@ -226,6 +306,13 @@ class AdversarialTraining(pl.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         interval = getattr(scheduler, "interval", "epoch")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def _is_host_batch(batch: Any) -> bool:
+    """Whether ``batch`` is an ``(inputs, labels[, index])`` sequence whose inputs and labels are host tensors."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        return False
+    return all(isinstance(t, Tensor) and t.device.type == "cpu" for t in batch[:2])
 
 
 def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:

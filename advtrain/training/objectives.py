@@ -126,8 +126,11 @@ class MMALoss(Objective):
         if pert.adv is None or "use_adv" not in pert.extra:
             return ObjectiveOutput(clean_ce.mean(), clean_logits, adversarial=False)
         use_adv, correct = pert.extra["use_adv"], pert.extra["correct"]
-        margin_term = clean_ce[~correct].sum()
-        if bool(use_adv.any()):
-            margin_term = margin_term + F.cross_entropy(model(pert.adv[use_adv]), labels[use_adv], reduction="sum")
+        margin_term = clean_ce.masked_fill(correct, 0.0).sum()
+        # The adversarial term runs the model on the chosen examples only (in train mode, so BatchNorm sees their
+        # statistics): a data-dependent shape, one host sync for the positions, then gathers.
+        chosen = use_adv.nonzero().squeeze(1)
+        if chosen.numel() > 0:
+            margin_term = margin_term + F.cross_entropy(model(pert.adv[chosen]), labels[chosen], reduction="sum")
         loss = clean_ce.mean() / 3 + 2 / 3 * margin_term / inputs.shape[0]
         return ObjectiveOutput(loss, clean_logits, adversarial=False)
