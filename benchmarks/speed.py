@@ -11,7 +11,11 @@ One entry point for issue 6. For a model, batch and device it measures, in one r
   pass actually spent (1.0 = nothing but model passes);
 * **the same attacks in torchattacks and adv-lib** where they have them, at the same budget, timed the same way,
   with ``x_peer`` = advtrain's time / the peer's;
-* **PGD-K adversarial training steps** (maximizer + training step) against (K + 1) × the clean step.
+* **PGD-K adversarial training steps** against (K + 1) × the clean step: the bare loop (maximizer + SGD step) and the
+  full framework step (:class:`~advtrain.training.AdversarialTraining` under a Lightning ``Trainer``, batches coming
+  from a DataLoader); for both, the **host syncs per step** (operations that make the host wait for the GPU, counted
+  by ``tests/sync_detector.py``, which sees them on CPU too). A sync-free step lets the host queue the next step and
+  load the next batch while the GPU works; on CPU nothing waits, so only the counts, not the times, show it there.
 
 Random CIFAR-shaped data is fine for speed (the pixels do not matter; strength is measured by the ``peers_*``
 scripts on a trained network). Labels are the model's own predictions so that every sample starts correctly
@@ -22,7 +26,8 @@ fewer passes: ``x_per_pass`` is then the fair measure of the loop, ``x_floor`` o
                                [--compile] [--channels-last] [--steps 10] [--repeats 3]
 
 CPU example (this machine, minutes): ``OMP_NUM_THREADS=2 python benchmarks/speed.py --model small_cnn --batch 256
---image 1 28 28``. GPU (one command): ``python benchmarks/speed.py --device cuda --model preact_resnet18 --batch 512
+--image 1 28 28``; ``--only training`` times the floor and the training rows alone (no attack has that name).
+GPU (one command): ``python benchmarks/speed.py --device cuda --model preact_resnet18 --batch 512
 --autocast bf16 --compile --channels-last``. Writes ``benchmarks/results/speed.json``.
 """
 
@@ -31,12 +36,13 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import import_adv_lib, import_torchattacks, write_table
+from _common import ROOT, import_adv_lib, import_torchattacks, write_table
 from torch import nn
 
 from advtrain.attacks import create_attack
@@ -111,6 +117,77 @@ def adversarial_train_step(model: nn.Module, x, y, opt, dtype, steps: int, eps: 
     return run
 
 
+def _sync_detector():
+    """``tests/sync_detector.py``, the detector the tests use (one implementation)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import sync_detector
+
+    return sync_detector
+
+
+def count_syncs(fn: Callable[[], Any]) -> int:
+    """Host syncs of one call of ``fn`` (after a warm-up call, so that one-off set-up is not counted)."""
+    fn()
+    with _sync_detector().HostSyncDetector() as syncs:
+        fn()
+    return syncs.count
+
+
+def lightning_training(args: argparse.Namespace, device: torch.device, steps: int) -> tuple[float, int, int]:
+    """PGD-``steps`` training through :class:`~advtrain.training.AdversarialTraining` and a Lightning ``Trainer``:
+    (median seconds per step after two warm-up steps, host syncs per step in the steady state, host syncs of the
+    first step). Batches come from a DataLoader on the host (pinned on CUDA), as in a real run; no logger, no
+    checkpoints, no clean-accuracy tracking (its extra forward is not part of PGD-K); SGD as in the clean step."""
+    from functools import partial
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from advtrain.training import AdversarialTraining
+
+    def module() -> AdversarialTraining:
+        torch.manual_seed(0)
+        pgd = PGDMaximizer(eps=args.eps, steps=steps, step_size=2.5 * args.eps / steps, autocast=args.autocast,
+                           compile=args.compile)  # fmt: skip
+        built = AdversarialTraining(arch=args.model, num_classes=args.classes, image_shape=tuple(args.image),
+                                    maximizer=pgd, track_clean_train=False,
+                                    optimizer=partial(torch.optim.SGD, lr=1e-3, momentum=0.9))  # fmt: skip
+        if args.channels_last:
+            built.model.to(memory_format=torch.channels_last)
+        return built
+
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, *args.image)
+    with torch.no_grad():
+        y = module().model.eval()(x).argmax(1)
+    repeats = args.repeats + 2
+
+    def loader(batches: int) -> DataLoader:
+        data = TensorDataset(x.repeat(batches, 1, 1, 1), y.repeat(batches), torch.arange(batches * args.batch))
+        return DataLoader(data, batch_size=args.batch, pin_memory=device.type == "cuda")
+
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(args.autocast)
+    settings = dict(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, log_every_n_steps=10, precision=precision)  # fmt: skip
+    seconds: list[float] = []
+
+    class StepTimer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _sync(device)
+            seconds.append(time.perf_counter() - self.start)
+
+    pl.Trainer(max_steps=repeats, callbacks=[StepTimer()], **settings).fit(module(), loader(repeats))
+    counted = _sync_detector().fit_counting_syncs(module(), loader(3), host_hooks=("on_before_batch_transfer",),
+                                                  trainer_kwargs=dict(max_steps=3, **settings))  # fmt: skip
+    counts = counted.counts()
+    return statistics.median(seconds[2:]), max(counts[1:]), counts[0]
+
+
 def zoo(eps: float, l2_eps: float, steps: int) -> list[tuple[str, dict[str, Any], int]]:
     """(registry name, hyperparameters, nominal K) of the attacks timed."""
     return [
@@ -177,7 +254,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-training", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="registry names to time (default: all)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="registry names of the attacks to time (default: all); 'training' (no attack's name) "
+                             "keeps the floor and the training rows only")  # fmt: skip
     parser.add_argument("--name", default="speed", help="results file under benchmarks/results/")
     args = parser.parse_args()
 
@@ -229,14 +308,22 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         _, t_clean, _ = _measure(clean_train_step(model, x, y, opt, dtype), device, args.repeats)
         k = args.steps
-        _, t_adv, peak = _measure(adversarial_train_step(model, x, y, opt, dtype, k, args.eps), device, args.repeats)
+        adv_step = adversarial_train_step(model, x, y, opt, dtype, k, args.eps)
+        _, t_adv, peak = _measure(adv_step, device, args.repeats)
         rows.append({"what": "clean training step", "library": "-", "seconds": t_clean})
         rows.append({
             "what": f"PGD-{k} training step", "library": "advtrain", "seconds": t_adv, "peak_mib": peak,
             "x_floor": t_adv / ((k + 1) * t_clean), "images_per_s": args.batch / t_adv,
+            "host_syncs": count_syncs(adv_step),
+        })  # fmt: skip
+        t_fw, syncs, first = lightning_training(args, device, k)
+        rows.append({
+            "what": f"PGD-{k} training step, Lightning (syncs of the first step: {first})", "library": "advtrain",
+            "seconds": t_fw, "x_floor": t_fw / ((k + 1) * t_clean), "images_per_s": args.batch / t_fw,
+            "host_syncs": syncs,
         })  # fmt: skip
     columns = ["what", "library", "seconds", "peak_mib", "success", "backward_per_sample", "x_floor", "x_per_pass",
-               "x_torchattacks", "x_adv-lib", "images_per_s"]  # fmt: skip
+               "x_torchattacks", "x_adv-lib", "images_per_s", "host_syncs"]  # fmt: skip
     for row in rows:
         row["setup"] = setup
     write_table(args.name, rows, columns)
