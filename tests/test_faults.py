@@ -294,7 +294,7 @@ def test_a_model_returning_probabilities_warns_once_in_training(tmp_path):
 # ------------------------------------------------------------------------------------------------ W&B unreachable
 
 
-def test_wandb_unreachable_with_an_api_key_falls_back_to_offline_in_seconds(tmp_path):
+def test_wandb_unreachable_with_an_api_key_falls_back_to_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(
         WANDB_API_KEY="0" * 40,  # a syntactically valid, fake key

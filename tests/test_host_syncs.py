@@ -243,12 +243,13 @@ def test_attacks_called_by_users_still_check_and_trusted_cores_do_not():
 
 
 def test_reads_happen_only_every_n_steps_and_with_lightnings_logging(tmp_path):
-    """With a logger, Lightning converts the logged step values every ``log_every_n_steps`` steps; the divergence
-    record is read on the same steps (its default interval): every other step is sync-free."""
+    """As the CLI runs (a logger, the progress bar): Lightning converts the logged step values every
+    ``log_every_n_steps`` steps; the divergence record is read on the same steps (its default interval); the progress
+    bar shows epoch values only. Every other step is sync-free."""
     from pytorch_lightning.loggers import CSVLogger
 
     result = _fit(_module(PGD(eps=0.3, steps=1, step_size=0.1)), _data(56), steps=7, log_every_n_steps=3,
-                  logger=CSVLogger(tmp_path))  # fmt: skip
+                  logger=CSVLogger(tmp_path), enable_progress_bar=True)  # fmt: skip
     assert [k for k, n in enumerate(result.counts()) if n] == [2, 5], result.report()
     for k in (2, 5):
         sites = Counter(_site(e) for e in result.steps[k])
