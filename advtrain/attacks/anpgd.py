@@ -124,6 +124,7 @@ class ANPGD(Attack):
         pgd = gradient_ascent(
             model, xa, ya, geometry=geometry, eps=ea, step_size=alpha, steps=self.steps, loss_fn=soft_logit_margin,
             random_start=True, generator=generator, autocast=self._autocast, compile=self.compile,
+            checks=False,  # this attack's own core has checked the batch
         )  # fmt: skip
         core.counter.absorb(pgd)
 

@@ -61,6 +61,17 @@ def _ddn_update(
     return point.sub_(x), radius
 
 
+def cosine_step_sizes_on(steps: int, initial: float, final: float, device: torch.device) -> Tensor:
+    """:func:`cosine_step_sizes` as a float32 tensor computed on ``device`` (no host-to-device copy)."""
+    k = torch.arange(steps, device=device, dtype=torch.float64)
+    return (final + (initial - final) * (1.0 + torch.cos(math.pi * k / steps)) / 2.0).float()
+
+
+def _noise_every_step(device: torch.device) -> bool:
+    """Whether DDN draws its zero-gradient noise every step (no host sync) rather than only when needed."""
+    return device.type != "cpu"
+
+
 @register_attack(AttackSpec("ddn", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
 class DDN(Attack):
     """Decoupled Direction and Norm attack (Rony et al., CVPR 2019, Algorithm 1): a minimal-L2 attack.
@@ -171,8 +182,10 @@ class DDN(Attack):
         measure = self.geometry.measure
         update = core.step(_ddn_update)
         levels = self.levels or 0
-        gamma = torch.tensor(self.gamma, device=core.device)
-        alphas = torch.tensor(cosine_step_sizes(self.steps, self.step_size, self.final_step_size), device=core.device)
+        # Built on the device (a host list copied over would make the loop wait for it).
+        gamma = torch.full((), self.gamma, device=core.device)
+        alphas = cosine_step_sizes_on(self.steps, self.step_size, self.final_step_size, core.device)
+        draw_always = _noise_every_step(core.device)
         # The farthest any point of the box can be from x: the cap on the radius.
         worst_norm = measure(torch.maximum(xf, 1.0 - xf))
         radius = torch.full((core.batch,), self.init_norm, device=core.device)
@@ -187,7 +200,9 @@ class DDN(Attack):
             tracker.update(None, s["x"] + s["delta"], measure(s["delta"]), fooled)  # everyone is always active
             grad_norm = measure(grad)
             zero = grad_norm < _TINY
-            if bool(zero.any()):  # the one host sync per iteration: a flat loss gets a random direction
+            # A flat loss gets a random direction. On an accelerator the noise is drawn every step, so that the loop
+            # never waits for the device; on CPU, where asking costs nothing, only when some gradient is zero.
+            if draw_always or bool(zero.any()):
                 noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
                 grad = torch.where(view_as_batch(zero, grad), noise, grad)
                 grad_norm = measure(grad)
