@@ -35,6 +35,10 @@ class Attack(ABC):
 
     spec: AttackSpec
     targeted: bool = False
+    #: Check the inputs and labels on every call. The training maximizers set it to ``False`` on the attacks they
+    #: run, because :class:`~advtrain.training.AdversarialTraining` has already checked the batch on the host (each
+    #: check reads values back from the device: a host sync per step). Leave it on for unchecked batches.
+    checks: bool = True
 
     def __init__(
         self, *, mode: str = "eval", seed: int | None = None, autocast: str | None = None, compile: bool = False
@@ -47,8 +51,9 @@ class Attack(ABC):
 
     def core(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> AttackCore:
         """The :class:`~advtrain.engine.core.AttackCore` of one call, with this attack's autocast and compile
-        options (it checks the inputs and the gradient mode)."""
-        return AttackCore(model, inputs, labels, targeted=self.targeted, autocast=self._autocast, compile=self.compile)
+        options (it checks the gradient mode and, with :attr:`checks`, the inputs and labels)."""
+        return AttackCore(model, inputs, labels, targeted=self.targeted, autocast=self._autocast, compile=self.compile,
+                          checks=self.checks)  # fmt: skip
 
     def __call__(
         self, model: nn.Module, inputs: Tensor, labels: Tensor, eps: float | Tensor | None = None

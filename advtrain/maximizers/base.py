@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from advtrain.engine.core import AttackCore
+from advtrain.attacks.base import Attack
+
+A = TypeVar("A", bound=Attack)
 
 
 @dataclass
@@ -69,21 +72,18 @@ def checked_budget(eps: float, name: str = "eps") -> float:
     return eps
 
 
+def trusted(attack: A) -> A:
+    """``attack`` with its per-call input and label checks off (:attr:`advtrain.attacks.base.Attack.checks`): for the
+    attacks a maximizer runs on the training batch, which was validated on the host before it reached the device."""
+    attack.checks = False
+    return attack
+
+
 def batch_budget(eps: float, inputs: Tensor) -> Tensor:
     """The (B,) float32 budget tensor on the inputs' device: a fill kernel, not a copy from host memory, and no
     value checks (the float was checked by :func:`checked_budget`) — no host sync, unlike
     :func:`advtrain.threat.norms.as_eps_tensor`, which validates tensors of unknown origin."""
     return torch.full((inputs.shape[0],), eps, dtype=torch.float32, device=inputs.device)
-
-
-class TrustedBatchAttack:
-    """Mixin for an attack that a maximizer runs on the training batch: its core skips the per-call input and label
-    checks (``AttackCore(checks=False)``), as the batch was validated before it reached the device. Put it first:
-    ``class _DDN(TrustedBatchAttack, DDN)``."""
-
-    def core(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> AttackCore:
-        return AttackCore(model, inputs, labels, targeted=self.targeted, autocast=self._autocast,
-                          compile=self.compile, checks=False)  # fmt: skip
 
 
 class Standard(InnerMaximizer):

@@ -12,16 +12,8 @@ from advtrain.attacks.ddn import DDN as DDNAttack
 from advtrain.attacks.trust_region import TrustRegion
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
-from advtrain.maximizers.base import InnerMaximizer, Perturbation, TrustedBatchAttack, batch_budget, checked_budget
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget, trusted
 from advtrain.threat.geometry import geometry_for
-
-
-class _TrainingDDN(TrustedBatchAttack, DDNAttack):
-    """DDN on a batch validated by the training module (no per-call checks, see :class:`TrustedBatchAttack`)."""
-
-
-class _TrainingTrustRegion(TrustedBatchAttack, TrustRegion):
-    """The trust-region attack on a batch validated by the training module (no per-call checks)."""
 
 
 class _ProjectedMinimalNorm(InnerMaximizer):
@@ -77,7 +69,7 @@ class DDN(_ProjectedMinimalNorm):
         self.steps = int(steps)
         self.gamma = float(gamma)
         self.levels = levels
-        self._inner = _TrainingDDN(steps=steps, gamma=gamma, levels=levels)
+        self._inner = trusted(DDNAttack(steps=steps, gamma=gamma, levels=levels))
 
 
 class TRLinf(_ProjectedMinimalNorm):
@@ -121,14 +113,16 @@ class TRLinf(_ProjectedMinimalNorm):
         self.radius = float(radius)
         self.radius_bounds = None if radius_bounds is None else (float(radius_bounds[0]), float(radius_bounds[1]))
         self.order = order
-        self._inner = _TrainingTrustRegion(
-            norm="linf",
-            steps=steps,
-            radius=radius,
-            radius_bounds=self.radius_bounds,
-            order=order,
-            adaptive=True,
-            target="best",
+        self._inner = trusted(
+            TrustRegion(
+                norm="linf",
+                steps=steps,
+                radius=radius,
+                radius_bounds=self.radius_bounds,
+                order=order,
+                adaptive=True,
+                target="best",
+            )
         )
 
     def _start_point(self, result: AttackResult) -> Tensor:

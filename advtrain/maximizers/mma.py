@@ -12,11 +12,7 @@ from torch import Tensor, nn
 from advtrain.attacks.anpgd import ANPGD
 from advtrain.engine.losses import soft_logit_margin
 from advtrain.engine.modes import attack_context
-from advtrain.maximizers.base import InnerMaximizer, Perturbation, TrustedBatchAttack
-
-
-class _TrainingANPGD(TrustedBatchAttack, ANPGD):
-    """AN-PGD on a batch validated by the training module (no per-call checks, see :class:`TrustedBatchAttack`)."""
+from advtrain.maximizers.base import InnerMaximizer, Perturbation, trusted
 
 
 class MMA(InnerMaximizer, nn.Module):
@@ -71,8 +67,8 @@ class MMA(InnerMaximizer, nn.Module):
         self.min_eps = float(min_eps)
         self.steps = int(steps)
         self.bisection_steps = int(bisection_steps)
-        self._attack = _TrainingANPGD(
-            norm=norm, eps=min_eps, max_eps=max_eps, steps=steps, bisection_steps=bisection_steps
+        self._attack = trusted(
+            ANPGD(norm=norm, eps=min_eps, max_eps=max_eps, steps=steps, bisection_steps=bisection_steps)
         )
         self.register_buffer("margins", torch.zeros(0))
 
