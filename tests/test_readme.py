@@ -23,3 +23,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
     assert any("WANDB_MODE=offline" in line for line in ci_lines)
+
+
+def test_every_test_the_readme_cites_exists():
+    """``test_x.py::test_name`` (and ``::test_name`` after it, same file) in the README name real tests."""
+    cited, current = [], None
+    for file, name in re.findall(r"`(?:tests/)?(test_\w+\.py)?::(\w+)`", (ROOT / "README.md").read_text()):
+        current = file or current
+        cited.append((current, name))
+    assert len(cited) > 10
+    missing = [f"{f}::{n}" for f, n in cited if f is None or f"def {n}(" not in (ROOT / "tests" / f).read_text()]
+    assert not missing, f"the README cites tests that do not exist: {missing}"
