@@ -154,6 +154,8 @@ class AdvTrainer(pl.Trainer):
         eps_grid: list[float] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
         cascade: bool = True,
+        fuse: bool | Literal["auto"] = "auto",
+        max_fused_batch: int = 1024,
         arch: str | None = None,
         arch_kwargs: dict[str, Any] | None = None,
         batch_size: int | None = None,
@@ -185,6 +187,10 @@ class AdvTrainer(pl.Trainer):
             eps_grid: budgets of the accuracy-versus-ε curves (default with a suite: ε·(1/4, 1/2, 3/4, 1)).
             overrides: per-attack hyperparameters of the suite, e.g. ``{"square": {"steps": 200}}``.
             cascade: budgeted attacks only attack the samples still robust.
+            fuse: run each budgeted attack over the whole ε grid in one call, and APGD-CE with APGD-DLR in one
+                call: true, false or auto (on CUDA only, where a larger batch costs little more); see
+                ``advtrain.evaluation.attack_batch``.
+            max_fused_batch: the most rows of one fused call.
             arch: registered model name for a plain state dict (default: the config's ``model.arch``).
             arch_kwargs: its extra keyword arguments.
             batch_size: attack batch size (default: the datamodule's evaluation batch size).
@@ -235,7 +241,8 @@ class AdvTrainer(pl.Trainer):
                 "suite": suite}  # fmt: skip
         report = evaluate_robustness(
             model.model if isinstance(model, AdversarialTraining) else model, loader, named or entries, norm=norm,
-            eps=eps, eps_grid=eps_grid, cascade=cascade, batch_size=batch_size, device=device,
+            eps=eps, eps_grid=eps_grid, cascade=cascade, fuse=fuse, max_fused_batch=max_fused_batch,
+            batch_size=batch_size, device=device,
             max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
         )  # fmt: skip
         data = report.as_dict()

@@ -163,6 +163,21 @@ def test_evaluate_subcommand_on_a_plain_state_dict(tmp_path, monkeypatch):
     )
 
 
+def test_evaluate_subcommand_passes_the_fusion_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    path = tmp_path / "plain.pt"
+    torch.save(create_model("small_cnn", num_classes=10, in_channels=1, input_size=28).state_dict(), path)
+    args = ["evaluate", "--config", QUICKSTART, "--trainer.logger", "false", "--ckpt_path", str(path), "--arch",
+            "small_cnn", "--suite", "quick", "--eps_grid", "[0.1, 0.3]", "--overrides", '{"pgd20": {"steps": 2}}',
+            "--max_samples", "8", "--batch_size", "8", "--progress", "false", "--plots", "false"]  # fmt: skip
+    main([*args, "--output", str(tmp_path / "fused"), "--fuse", "true", "--max_fused_batch", "16"])
+    report = json.loads((tmp_path / "fused" / "report.json").read_text())
+    assert report["fused"] is True and report["max_fused_batch"] == 16
+    with pytest.raises(SystemExit):  # jsonargparse names the option and its allowed values
+        main([*args, "--output", str(tmp_path / "bad"), "--fuse", "sometimes"])
+
+
 def test_batch_aligned_sampler_deals_whole_batches_without_padding():
     ranks = [list(BatchAlignedSampler(range(65), 10, rank=r, world_size=2)) for r in range(2)]
     seen = [i for batches in ranks for batch in batches for i in batch]
