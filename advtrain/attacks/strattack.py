@@ -173,12 +173,14 @@ class StrAttack(Attack):
       group lasso is a union of groups).
     * **Which iterate is scored** is not stated in the paper; advtrain scores the y iterate (the group-sparse one),
       clipped to the box and the ε cube (a coordinate clip, so zeros stay zero), at one extra forward per
-      iteration. adv-lib scores the dense z iterate at the gradient's forward instead. With non-overlapping groups
-      the two give the same L2 (advtrain 0.96× adv-lib's median on the reference SmallCNN, at equal passes); with
-      overlapping 3×3 stride-2 groups the union-of-groups zero pattern makes advtrain's points half as dense (L0 79
-      vs 159 pixels) at a 9% larger median L2 (``benchmarks/peers_strattack.py --overlap``). ``scored="dense"``
-      scores z like adv-lib (keeping z in the box and the ε cube after each z-step, and saving the extra forward):
-      median L2 1.006× adv-lib's at 0.71× its time, but 495 non-zero pixels, so ``"sparse"`` stays the default.
+      iteration. adv-lib scores the dense z iterate at the gradient's forward instead. On the reference SmallCNN
+      (5×200): with non-overlapping groups the default matches adv-lib's median L2 (0.96–0.99×) at a similar L0
+      (95 vs 81 pixels on 30 digits); with overlapping 3×3 stride-2 groups the union-of-groups zero pattern makes
+      advtrain's points half as dense (L0 79 vs 159 pixels) at a 9% larger median L2 (``benchmarks/peers_strattack.py
+      --overlap``, ``peers_walltime.py``). ``scored="dense"`` scores z like adv-lib (keeping z in the box and the ε
+      cube after each z-step, and saving the extra forward): a 2–11% smaller median L2 than adv-lib's at 0.65–0.71×
+      its time, but 500-odd non-zero pixels, so ``"sparse"``, the structured attack the paper is about, stays the
+      default.
     * **η_k schedule**: eq. (14) only asks for a decaying 1/η_k "e.g. η_k = η·k" in advtrain's reading of seed 002
       (ATTACKS.md), which is the default (``eta_growth="linear"``). The authors' code and adv-lib use
       ``η_k = η·√k`` (``eta_growth="sqrt"``; the plain-text seed may have lost a radical there). On the reference
