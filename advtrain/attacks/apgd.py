@@ -263,12 +263,8 @@ class APGD(Attack):
                                  "in loss and eps can.")  # fmt: skip
         if eps is None:
             eps = torch.cat([torch.full((n,), a.eps) for (a, _), n in zip(segments, sizes, strict=True)])
-        parts = []
-        for (attack, _), n in zip(segments, sizes, strict=True):
-            generator = None
-            if attack.seed is not None:  # as Attack.__call__ seeds each call
-                generator = torch.Generator(device=inputs.device).manual_seed(attack.seed)
-            parts.append((attack.loss, n, generator))
+        # Each segment draws from its own generator, seeded as its own call would be.
+        parts = [(a.loss, n, a.generator(inputs.device)) for (a, _), n in zip(segments, sizes, strict=True)]
         with attack_context(model, self.mode):
             return self._run(model, inputs, labels, self.budget(eps, inputs), parts)
 

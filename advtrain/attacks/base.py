@@ -69,12 +69,13 @@ class Attack(ABC):
         Returns:
             The :class:`AttackResult`.
         """
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=inputs.device)
-            generator.manual_seed(self.seed)
         with attack_context(model, self.mode):
-            return self.run(model, inputs, labels, eps=eps, generator=generator)
+            return self.run(model, inputs, labels, eps=eps, generator=self.generator(inputs.device))
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The random generator of one call on ``device``: seeded afresh with ``seed`` (so every call draws the same
+        numbers), or ``None`` (the global RNG) without a seed."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
     @staticmethod
     def optional_eps(eps: float | None) -> float | None:

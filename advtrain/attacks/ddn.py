@@ -29,9 +29,11 @@ _PAPER = (
 _TINY = 1e-12
 
 
-def cosine_step_sizes(steps: int, initial: float, final: float) -> list[float]:
-    """α_k = final + (initial − final)·(1 + cos(πk/steps))/2 for k = 0..steps−1 (cosine annealing, seed 001 §4)."""
-    return [final + (initial - final) * (1.0 + math.cos(math.pi * k / steps)) / 2.0 for k in range(steps)]
+def cosine_step_sizes(steps: int, initial: float, final: float, device: torch.device | None = None) -> Tensor:
+    """α_k = final + (initial − final)·(1 + cos(πk/steps))/2 for k = 0..steps−1 (cosine annealing, seed 001 §4), in
+    float64, computed on ``device`` (no host-to-device copy)."""
+    k = torch.arange(steps, device=device, dtype=torch.float64)
+    return final + (initial - final) * (1.0 + torch.cos(math.pi * k / steps)) / 2.0
 
 
 def _ddn_update(
@@ -59,12 +61,6 @@ def _ddn_update(
     if levels > 1:
         point.mul_(levels - 1).round_().div_(levels - 1)
     return point.sub_(x), radius
-
-
-def cosine_step_sizes_on(steps: int, initial: float, final: float, device: torch.device) -> Tensor:
-    """:func:`cosine_step_sizes` as a float32 tensor computed on ``device`` (no host-to-device copy)."""
-    k = torch.arange(steps, device=device, dtype=torch.float64)
-    return (final + (initial - final) * (1.0 + torch.cos(math.pi * k / steps)) / 2.0).float()
 
 
 def _noise_every_step(device: torch.device) -> bool:
@@ -184,7 +180,7 @@ class DDN(Attack):
         levels = self.levels or 0
         # Built on the device (a host list copied over would make the loop wait for it).
         gamma = torch.full((), self.gamma, device=core.device)
-        alphas = cosine_step_sizes_on(self.steps, self.step_size, self.final_step_size, core.device)
+        alphas = cosine_step_sizes(self.steps, self.step_size, self.final_step_size, core.device).float()
         draw_always = _noise_every_step(core.device)
         # The farthest any point of the box can be from x: the cap on the radius.
         worst_norm = measure(torch.maximum(xf, 1.0 - xf))

@@ -21,9 +21,9 @@ class _ProjectedMinimalNorm(InnerMaximizer):
     ε-ball and the box (the projection only ever shrinks: a perturbation already inside is kept). Which point a
     sample the attack never fooled trains on is the subclass's decision (:meth:`_start_point`).
 
-    Host syncs: the attacks keep theirs (DDN: one per iteration, the zero-gradient test, plus the boolean-mask
-    updates of its best-point tracker; TR: the active-set bookkeeping of its adaptive radius); the input and label
-    checks are skipped (the batch was validated before it reached the device) and the projection adds none."""
+    Host syncs: the attacks keep theirs (DDN: on CPU only, one per iteration, the zero-gradient test; TR: the
+    active-set bookkeeping of its adaptive radius); the input and label checks are skipped (the batch was validated
+    before it reached the device) and the projection adds none."""
 
     norm: str
     _inner: object  # the attack, set by subclasses
