@@ -4,12 +4,14 @@
 its *mmap threshold* (128 KiB at start, raised dynamically up to 32 MiB) with a fresh ``mmap`` and returns it to the
 kernel on ``free``; it also gives the top of its heap back once more than the *trim threshold* is free there. An
 attack iteration allocates and frees the same few activation-sized buffers every step (a convolution's output, its
-gradient), so under the default settings the kernel maps, zeroes and unmaps them again and again: on the reference
-SmallCNN, DDN-100 on 200 digits takes about 1.1 million minor page faults, roughly a quarter of its wall time, and
-how many a given loop takes depends on the order of its allocations rather than on its arithmetic (two equivalent
-implementations differed by 7% for this reason alone). :func:`tune_cpu_allocator` raises both thresholds so that
-freed memory stays in the heap and is reused: the same attack then runs with no page faults at all and about 25%
-faster (``benchmarks/peers_walltime.py`` measures both settings). The cost is that the process keeps its peak heap
+gradient), so under the default settings the kernel maps, zeroes and unmaps them again and again once those buffers
+outgrow the dynamic threshold. On the reference SmallCNN, DDN-100 on 200 digits (two threads) takes 2.3 million
+minor page faults per run in advtrain and 1.8 million in adv-lib and runs in 7.7 s; how many a given loop takes
+depends on the order of its allocations rather than on its arithmetic. :func:`tune_cpu_allocator` raises both
+thresholds so that freed memory stays in the heap and is reused: the same attack then takes a handful of page faults
+and 5.0 s, for both libraries (``benchmarks/peers_walltime.py --n 200 --only ddn``, with and without
+``ADVTRAIN_TUNE_MALLOC=0``). With 100 digits the buffers stay below the dynamic threshold and neither setting
+faults. The cost is that the process keeps its peak heap
 until it exits, which is what a training or evaluation process wants anyway. The same effect is had by starting
 Python with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or with jemalloc/tcmalloc preloaded (the
 PyTorch CPU performance guide's advice).

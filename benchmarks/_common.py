@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import sys
 import time
@@ -19,8 +20,9 @@ from advtrain.runtime import tune_cpu_allocator
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
-# Every benchmark runs with glibc's heap keeping freed buffers (advtrain.runtime): otherwise page faults take about a
-# quarter of an attack's CPU time, and which of two equivalent loops takes more of them depends on allocation order.
+# Every benchmark runs with glibc's heap keeping freed buffers (advtrain.runtime): otherwise, once activations outgrow
+# glibc's dynamic mmap threshold, page faults take a third of an attack's time (DDN-100 on 200 digits: 7.7 s instead
+# of 5.0 s), and which of two equivalent loops takes more of them depends on allocation order.
 # ADVTRAIN_TUNE_MALLOC=0 measures under the default allocator settings instead.
 ALLOCATOR_TUNED = tune_cpu_allocator()
 
@@ -107,15 +109,18 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
 
 @dataclass
 class Timing:
-    """Wall and CPU seconds of repeated runs of one callable, and the output of its first timed run."""
+    """Wall and CPU seconds and minor page faults of repeated runs of one callable, and the output of its first
+    timed run."""
 
     output: Any
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
 
 
 def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: bool = True) -> list[Timing]:
-    """Runs every callable ``repeats`` times, interleaved round by round, and times each run (wall and CPU).
+    """Runs every callable ``repeats`` times, interleaved round by round, and times each run (wall and CPU), counting
+    the minor page faults it takes (the allocator's cost, see ``advtrain/runtime.py``).
 
     The order is reversed every other round so that no callable always runs first (on a just-freed heap, a warm
     cache, a quiet moment of the shared machine); an untimed warm-up round first pays the one-off costs (lazy
@@ -129,13 +134,16 @@ def interleaved(fns: Sequence[Callable[[], Any]], repeats: int, *, warmup: bool 
     for r in range(repeats):
         for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
             torch.manual_seed(0)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu = time.perf_counter(), time.process_time()
             out = fns[i]()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             if timings[i] is None:
                 timings[i] = Timing(out)
             timings[i].wall.append(wall)
             timings[i].cpu.append(cpu)
+            timings[i].faults.append(faults)
     return timings  # type: ignore[return-value]
 
 

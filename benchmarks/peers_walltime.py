@@ -10,11 +10,13 @@ time comparison on a shared, noisy machine:
   range, next to the CPU-time ratio of this process (less sensitive to other jobs on the machine);
 * strength is reported from the first timed run so that speed is never bought with it: the median L2/L∞ norm
   (failures = +inf) for minimal-norm attacks, robust accuracy for budgeted ones, each re-measured here with a fresh
-  forward pass on the returned images (budgeted ones also clipped to their ball).
+  forward pass on the returned images (budgeted ones also clipped to their ball);
+* the minor page faults of each side (median per run), which show what the allocator costs.
 
 By default the process runs with glibc's heap tuned (``advtrain.runtime.tune_cpu_allocator``, for both libraries
-alike); ``ADVTRAIN_TUNE_MALLOC=0`` measures under the default allocator, where page faults add a quarter to every
-attack's time and reorder close ratios at random.
+alike); ``ADVTRAIN_TUNE_MALLOC=0`` measures under the default allocator, where, once activations outgrow glibc's
+dynamic mmap threshold (DDN on 200 digits, not on 100), page faults add half again to an attack's time and reorder
+close ratios at random.
 
 Budgets are those of the per-attack scripts: DDN-100; DeepFool-50 (overshoot 0.02); C&W L2 4×25 (Adam 0.5, c0 = 1)
 and 1×100 (0.2, 1); TR adaptive, first order, 100 iterations; StrAttack 5×200 (c0 = 0.5), non-overlapping and
@@ -178,6 +180,8 @@ def main() -> None:
                 "strength_ratio": ours_strength / theirs if theirs else math.nan,
                 "advtrain_s": statistics.median(timing_ours.wall),
                 "peer_s": statistics.median(timing.wall),
+                "advtrain_faults": statistics.median(timing_ours.faults),
+                "peer_faults": statistics.median(timing.faults),
                 **paired_ratios(timing_ours, timing),
             }
             rows.append(row)
@@ -189,7 +193,7 @@ def main() -> None:
         opts.name,
         rows,
         ["attack", "peer", "samples", "measure", "advtrain", "peer_value", "strength_ratio", "advtrain_s", "peer_s",
-         "wall_ratio", "wall_ratio_min", "wall_ratio_max", "cpu_ratio"],
+         "wall_ratio", "wall_ratio_min", "wall_ratio_max", "cpu_ratio", "advtrain_faults", "peer_faults"],
     )  # fmt: skip
 
 
