@@ -5,7 +5,8 @@ at the same budget (ADMM iterations per search step, binary-search steps; the re
 
 * advtrain ``StrAttack`` without refinement vs adv-lib ``str_attack(retrain=False)``;
 * advtrain ``StrAttack`` with the refined attack vs adv-lib ``str_attack(retrain=True)``;
-* each advtrain row twice: with its default η_k = η·k and with the authors' η_k = η·√k (adv-lib's schedule);
+* each advtrain row twice: with its default η_k = η·k and with the authors' η_k = η·√k (adv-lib's schedule); and
+  without refinement once more scoring its dense iterate like adv-lib (``scored="dense"``);
 * optionally (``--overlap``) both with overlapping 3×3 stride-2 groups, advtrain scoring its group-sparse iterate (the
   default) and, like adv-lib, its dense one (``scored="dense"``);
 * adv-lib ``carlini_wagner_l2`` (Adam) at the same iterations and search steps, for the L0 comparison of Table 1:
@@ -100,6 +101,7 @@ def main() -> None:
     pairs = [] if opts.only_overlap else [
         ("StrAttack", dict(refine=False), dict(retrain=False)),
         ("StrAttack, eta*sqrt(k)", dict(refine=False, eta_growth="sqrt"), dict(retrain=False)),
+        ("StrAttack, scored dense", dict(refine=False, scored="dense"), dict(retrain=False)),
     ]  # fmt: skip
     if not opts.no_refine and not opts.only_overlap:
         pairs += [
