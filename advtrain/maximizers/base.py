@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +52,16 @@ class InnerMaximizer(ABC):
 
     A maximizer that computes the weight gradients itself (YOPO) sets ``manual_optimization = True`` and implements
     ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation.
+
+    Budgets: ``budget_keys`` names the hyperparameters that are lengths in input space and scale together (the budget
+    first, then the step sizes and radii measured against it; dotted for an inner attack's, e.g.
+    ``"_attack.max_eps"``). :meth:`budget_scaled` multiplies them all by one factor for the duration of a step, which
+    is how a budget schedule (:class:`advtrain.training.BudgetRamp`) ramps ε and keeps α/ε constant; at factor f the
+    maximizer is the one built with every budget × f.
     """
 
     manual_optimization: bool = False
+    budget_keys: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
@@ -61,6 +70,57 @@ class InnerMaximizer(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+    @property
+    def budget(self) -> float | None:
+        """The current value of the first budget key (ε; MMA's d_max), or ``None`` for a maximizer without budgets."""
+        return _get(self, self.budget_keys[0]) if self.budget_keys else None
+
+    @contextmanager
+    def budget_scaled(self, factor: float) -> Iterator[None]:
+        """Multiplies every budget in ``budget_keys`` by ``factor`` inside the block and puts the original values back
+        after it (the same objects, so they are restored bit for bit, also when the block raises). Host-side Python
+        numbers only: no device work and no sync. ``None`` values (a step size derived from ε) stay ``None`` and follow
+        ε by their own rule.
+
+        Example:
+            >>> pgd = PGD(eps=0.3, step_size=0.05)  # doctest: +SKIP
+            >>> with pgd.budget_scaled(0.5):  # doctest: +SKIP
+            ...     pert = pgd(model, x, y)  # PGD at eps 0.15, step_size 0.025
+        """
+        factor = float(factor)
+        if not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"a budget factor must be finite and > 0, got {factor}.")
+        saved = [(key, _get(self, key)) for key in self.budget_keys]
+        try:
+            if factor != 1.0:
+                for key, value in saved:
+                    _set(self, key, _scaled(value, factor))
+            yield
+        finally:
+            for key, value in saved:
+                _set(self, key, value)
+
+
+def _get(obj: object, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set(obj: object, path: str, value: Any) -> None:
+    *owners, name = path.split(".")
+    for owner in owners:
+        obj = getattr(obj, owner)
+    setattr(obj, name, value)
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(float(v) * factor for v in value)
+    return float(value) * factor
 
 
 def checked_budget(eps: float, name: str = "eps") -> float:

@@ -64,6 +64,9 @@ class Bilateral(InnerMaximizer):
     Known: the reported 53–55% under PGD-100 on CIFAR-10 fall to 29% under AutoAttack (gradient masking); evaluate
     with APGD, not PGD alone.
 
+    Budget schedule: ``eps`` and α scale together (α = ε by default follows ε by itself; an explicit ``step_size``
+    is scaled); the label side has no input-space budget and is unchanged.
+
     Args:
         norm: ``"linf"`` (the paper) or ``"l2"``.
         eps: budget (CIFAR: 8/255).
@@ -73,6 +76,8 @@ class Bilateral(InnerMaximizer):
         smoothing: R-MC-LS's budget ε_y (0.5 ≈ β = 9 on 10 classes).
         attack_mode: ``"eval"`` or ``"train"``.
     """
+
+    budget_keys = ("eps", "step_size")
 
     def __init__(
         self,

@@ -18,6 +18,9 @@ class FastFGSM(PGD):
     The reference code generates δ with the model in train mode (BatchNorm batch statistics); that is the default
     here, unlike :class:`~advtrain.maximizers.PGD`. Set ``attack_mode="eval"`` for the eval-mode variant.
 
+    Budget schedule: ``eps`` and α (``step_size``) scale together, so α/ε stays 1.25 (or the recipe's ratio), the
+    ratio that decides catastrophic overfitting.
+
     Args:
         norm: ``"linf"`` (the paper) or ``"l2"``.
         eps: budget.

@@ -53,6 +53,10 @@ class DDN(_ProjectedMinimalNorm):
     by up to 5% per step, so on a trained network such samples are rare; samples whose minimal perturbation is longer
     than ε, shrunk into the ball, may stop fooling and then train near the boundary.
 
+    Budget schedule: only the projection radius ``eps`` scales. DDN is a minimal-norm attack without a budget (its
+    radius adapts multiplicatively from 1), so at factor f it finds the same minimal perturbation and shrinks it into
+    the f·ε ball.
+
     Reported: CIFAR-10 (WRN-28-10, ε = 1.0, 30 adversarial epochs after standard training) 89.05% clean / 67.6% at
     L2 0.5 (66.44% AutoAttack); MNIST (ε = 2.4, 50 epochs) 87.2% robust at ε = 1.5.
 
@@ -62,6 +66,8 @@ class DDN(_ProjectedMinimalNorm):
         gamma: DDN's norm update factor (0.05).
         levels: quantisation levels (256; ``None`` for none).
     """
+
+    budget_keys = ("eps",)
 
     def __init__(self, *, eps: float = 1.0, steps: int = 100, gamma: float = 0.05, levels: int | None = 256) -> None:
         self.norm = "l2"
@@ -90,6 +96,10 @@ class TRLinf(_ProjectedMinimalNorm):
     [1e-4, 1e-2] suit CIFAR's 8/255). The seed's appendix trains with ABSA, whose code uses FGSM; this design is
     advtrain's, and its strength must be shown by evaluation (``benchmarks/train_compare.py``).
 
+    Budget schedule: ``eps``, the initial trust radius and its bounds scale together, so that ``steps`` iterations
+    reach the same multiple of ε at every factor (the reach, about ``steps`` × the radius cap, is what this design
+    ties to ε).
+
     Args:
         eps: L∞ budget (CIFAR 8/255, MNIST 0.3).
         steps: trust-region iterations per batch.
@@ -97,6 +107,8 @@ class TRLinf(_ProjectedMinimalNorm):
         radius_bounds: (min, max) of the adaptive radius; ``None`` for the reference L∞ bounds (1e-4, 1e-2).
         order: 1 or 2 (second order needs a smooth model).
     """
+
+    budget_keys = ("eps", "radius", "radius_bounds", "_inner.radius", "_inner.radius_bounds")
 
     def __init__(
         self,

@@ -42,6 +42,15 @@ class MMA(InnerMaximizer, nn.Module):
     adversarially (one ``nonzero``). The input and label checks are skipped (the batch was validated before it
     reached the device).
 
+    Budget schedule: d_max (``max_eps``, which is also AN-PGD's bisection cap) and ε_min (``min_eps``) scale
+    together, so at factor f the hinge is f·d_max: an example whose margin reaches f·d_max trains only through the
+    clean term, and no search looks beyond 1.05·f·d_max. AN-PGD's step 2.5·ε_i/steps is a fraction of each example's
+    start budget and follows it. The stored margins are measurements (how far AN-PGD found the boundary), not
+    budgets, and the ramp leaves them as they are: an example measured under a smaller cap stored at most
+    1.05·f·d_max, and when the cap has grown its next search starts from that estimate (or from the new f·ε_min,
+    whichever is larger) and may reach the new cap. Margins and factor both follow the checkpoint (the buffer is
+    saved, the factor is a function of the global step), so a resumed run sees the same pairs.
+
     Args:
         norm: ``"linf"`` or ``"l2"``.
         max_eps: d_max, the hinge (CIFAR L∞ 12/20/32/255; L2 1/2/3; MNIST L∞ 0.45).
@@ -49,6 +58,8 @@ class MMA(InnerMaximizer, nn.Module):
         steps: PGD steps of AN-PGD (CIFAR 10, MNIST 40).
         bisection_steps: bisection steps of AN-PGD.
     """
+
+    budget_keys = ("max_eps", "min_eps", "_attack.max_eps", "_attack.eps")
 
     def __init__(
         self,

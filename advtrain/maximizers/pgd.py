@@ -26,6 +26,9 @@ class PGD(InnerMaximizer):
     later work does; ``attack_mode="train"`` reproduces the official code, which attacks in train mode (and so
     moves BatchNorm statistics with adversarial batches). The model's modes are restored afterwards.
 
+    Budget schedule: ``eps`` and ``step_size`` scale together (α/ε constant, so the same number of steps crosses
+    the same fraction of the ball); with ``step_size=None`` α = 2.5·ε/steps follows ε by itself.
+
     Args:
         norm: ``"linf"`` or ``"l2"``.
         eps: budget (CIFAR L∞ 8/255, L2 128/255; MNIST L∞ 0.3).
@@ -36,6 +39,8 @@ class PGD(InnerMaximizer):
         autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast during the attack (perturbation in float32).
         compile: use the ``torch.compile``-d fused step.
     """
+
+    budget_keys = ("eps", "step_size")
 
     def __init__(
         self,

@@ -27,6 +27,9 @@ class TRADES(InnerMaximizer):
     without gradient. The attack runs in eval mode, as the reference code does; pair with
     :class:`~advtrain.training.objectives.TRADESLoss`.
 
+    Budget schedule: ``eps`` and ``step_size`` scale together; the Gaussian start (``init_std``, 0.001) is a
+    numerical nudge off the clean point, not a budget, and stays.
+
     Reference numbers (CIFAR-10, WRN-34-10, ε = 8/255, 10 steps of 2/255, β = 6): 84.92% clean, 53.08% AutoAttack
     (RobustBench Zhang2019Theoretically).
 
@@ -38,6 +41,8 @@ class TRADES(InnerMaximizer):
         init_std: std of the Gaussian start.
         attack_mode: ``"eval"`` (reference) or ``"train"``.
     """
+
+    budget_keys = ("eps", "step_size")
 
     def __init__(
         self,

@@ -56,6 +56,9 @@ class YOPO(InnerMaximizer):
     throughput it reaches on conv2 (its input-gradient: 5.5 ms for 14.5 M multiply-adds against conv2's full backward,
     14.8 ms for 680 M); YOPO-5-10 there costs about PGD-10, not PGD-5 (``benchmarks/train_compare.py``).
 
+    Budget schedule: ``eps`` and the inner step ``sigma`` scale together (σ/ε constant), so the n inner steps cross
+    the same fraction of the ball at every factor.
+
     Args:
         norm: ``"linf"`` (the paper) or ``"l2"``.
         eps: budget (CIFAR 8/255; MNIST 0.3).
@@ -65,6 +68,7 @@ class YOPO(InnerMaximizer):
     """
 
     manual_optimization = True
+    budget_keys = ("eps", "sigma")
 
     def __init__(
         self,

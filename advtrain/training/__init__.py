@@ -10,10 +10,13 @@ from advtrain.training.objectives import (
     SoftLabelCE,
     TRADESLoss,
 )
+from advtrain.training.schedules import BudgetRamp, BudgetSchedule
 
 __all__ = [
     "AdversarialCE",
     "AdversarialTraining",
+    "BudgetRamp",
+    "BudgetSchedule",
     "MixedCE",
     "MMALoss",
     "Objective",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
 from advtrain.training.divergence import DivergenceWatch, check_every_option
 from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
-from advtrain.training.schedules import total_steps_context
+from advtrain.training.schedules import BudgetSchedule, total_steps_context
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ warnings.filterwarnings(
     "ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in"
 )
 
-_COMPONENT_ARGS = ("maximizer", "objective", "optimizer", "lr_scheduler", "val_attack")
+_COMPONENT_ARGS = ("maximizer", "objective", "optimizer", "lr_scheduler", "val_attack", "budget_schedule")
 
 # Built from the registry at import so that the CLI rejects an unknown name at parse time, listing the options.
 ModelName = Literal[tuple(list_models())]  # type: ignore[valid-type]
@@ -69,6 +70,10 @@ class AdversarialTraining(pl.LightningModule):
         lr_scheduler: optional schedule factory; advtrain's schedules (``MultiStep``, ``Cosine``, ``OneCycle``)
             step every batch and take fractions of training; PyTorch schedulers step every epoch.
         val_attack: attack for robust validation accuracy (``None``: clean accuracy only).
+        budget_schedule: optional schedule of the maximizer's budgets (:class:`~advtrain.training.BudgetRamp`): each
+            training step runs the maximizer with every budget (ε and the step sizes measured against it) multiplied
+            by the schedule's factor at the current global step, and logs ``train/eps`` (the scaled first budget) and
+            ``train/budget_factor``; ``val_attack`` always attacks at the full budget.
         track_clean_train: also log clean accuracy/loss on the training batches (an extra no-grad forward in
             eval mode, which does not touch BatchNorm statistics).
         validate_batches: check every batch for images outside [0, 1] and labels out of range: on the host, before
@@ -99,6 +104,7 @@ class AdversarialTraining(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         val_attack: Attack | None = None,
+        budget_schedule: BudgetSchedule | None = None,
         track_clean_train: bool = True,
         validate_batches: bool = True,
         divergence_check_every: int | None = None,
@@ -120,6 +126,9 @@ class AdversarialTraining(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_attack = val_attack
+        self.budget_schedule = budget_schedule
+        if budget_schedule is not None:
+            budget_schedule.check(self.maximizer.budget)
         self.track_clean_train = track_clean_train
         self.validate_batches = validate_batches
         self.divergence_check_every = check_every_option(divergence_check_every)
@@ -175,12 +184,14 @@ class AdversarialTraining(pl.LightningModule):
         self._check_unless_checked_on_host(x, y)
         where = dict(epoch=self.current_epoch, batch=batch_idx, step=self.global_step)
         self._batch_idx = batch_idx
+        factor = self.budget_factor()
         if self.automatic_optimization:
-            pert = self.maximizer(self.model, x, y, index)
+            with self.maximizer.budget_scaled(factor):
+                pert = self.maximizer(self.model, x, y, index)
             out = self.objective(self.model, x, y, pert)
             self._divergence.loss(out.loss, **where)
         else:
-            out = self._manual_step(x, y, where)
+            out = self._manual_step(x, y, where, factor)
         if not self._checked_outputs:
             self._checked_outputs = True
             self._divergence.outputs(out.logits)
@@ -193,6 +204,10 @@ class AdversarialTraining(pl.LightningModule):
         # device=...)); torch.full passes it to a fill kernel instead. Same float32 value, same epoch mean.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/lr", torch.full((), lr, device=x.device), on_step=False, on_epoch=True)
+        if self.budget_schedule is not None and self.maximizer.budget is not None:
+            eps = factor * self.maximizer.budget
+            self.log("train/eps", torch.full((), eps, device=x.device), on_step=False, on_epoch=True)
+            self.log("train/budget_factor", torch.full((), factor, device=x.device), on_step=False, on_epoch=True)
         if self.track_clean_train and out.adversarial:
             with torch.no_grad(), attack_context(self.model, "eval"):
                 clean_logits = self.model(x)
@@ -225,11 +240,21 @@ class AdversarialTraining(pl.LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self._divergence.gradients(grads, epoch=self.current_epoch, batch=self._batch_idx, step=self.global_step)
 
-    def _manual_step(self, x: Tensor, y: Tensor, where: dict[str, int]) -> ObjectiveOutput:
+    def budget_factor(self) -> float:
+        """The budget schedule's factor at the current global step (1.0 without a schedule): a Python float from the
+        Trainer's step counters, so it costs no device work and a resumed run continues where it stopped."""
+        if self.budget_schedule is None:
+            return 1.0
+        batches = self.trainer.num_training_batches
+        per_epoch = None if math.isinf(batches) else max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        return self.budget_schedule.factor(self.global_step, steps_per_epoch=per_epoch, budget=self.maximizer.budget)
+
+    def _manual_step(self, x: Tensor, y: Tensor, where: dict[str, int], factor: float) -> ObjectiveOutput:
         """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO)."""
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
+        with self.maximizer.budget_scaled(factor):
+            step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
         self._divergence.loss(step.loss, **where)  # with divergence_check_every=1 this raises before the weights move
         optimizer.step()
         scheduler = self.lr_schedulers()
