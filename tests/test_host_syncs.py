@@ -26,7 +26,7 @@ from advtrain.engine.losses import cross_entropy
 from advtrain.errors import InvalidInputError
 from advtrain.maximizers import DDN, MMA, PGD, TRADES, YOPO, Bilateral, FastFGSM, Standard, TRLinf
 from advtrain.threat.geometry import geometry_for
-from advtrain.training import AdversarialTraining
+from advtrain.training import AdversarialTraining, BudgetRamp
 from advtrain.training.objectives import MMALoss, SoftLabelCE, TRADESLoss
 
 HOST_HOOKS = ("on_before_batch_transfer",)  # the batch checks run there, on host tensors: not device syncs
@@ -97,6 +97,14 @@ def test_training_steps_make_no_host_sync(name):
     # The divergence record is read at the end of the epoch and of training; nothing else of advtrain syncs there.
     ours = Counter(_site(e) for e in result.end if e.where.startswith("advtrain/"))
     assert ours == {"tolist advtrain/training/divergence.py (check)": 2}, result.report()
+
+
+@pytest.mark.parametrize("name", ["pgd_linf", "yopo"])
+def test_a_budget_schedule_adds_no_host_sync(name):
+    maximizer, objective = SYNC_FREE[name]()
+    module = _module(maximizer, objective, budget_schedule=BudgetRamp(start=0.5, steps=2))
+    result = _fit(module, _data())
+    assert result.counts() == [0, 0, 0], result.report()
 
 
 # Per-step budgets of the maximizers whose algorithm syncs: site -> the most it may occur in one training step (K
