@@ -485,3 +485,70 @@ def test_classifier_without_rest_raises():
 
     with pytest.raises(NotImplementedError):
         Incomplete()(torch.rand(1, 1, 4, 4))
+
+
+def _weighted_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def test_small_cnn_torch_init_is_pytorchs_own_layer_init():
+    torch.manual_seed(0)
+    model = SmallCNN(init="torch")
+    torch.manual_seed(0)  # the same layers, built in the same order, with nothing re-initialised
+    fresh = [nn.Conv2d(1, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 64, 3), nn.Conv2d(64, 64, 3),
+             nn.Linear(64 * 4 * 4, 200), nn.Linear(200, 200), nn.Linear(200, 10)]  # fmt: skip
+    for layer, expected in zip(_weighted_layers(model), fresh, strict=True):
+        assert torch.equal(layer.weight, expected.weight) and torch.equal(layer.bias, expected.bias)
+
+
+def test_small_cnn_he_init_has_he_statistics_and_reference_init_zeroes_the_last_layer():
+    torch.manual_seed(0)
+    he = SmallCNN(init="he")
+    layers = _weighted_layers(he)
+    for layer in layers[:-1]:
+        fan_in = layer.weight[0].numel()
+        if layer.weight.numel() >= 5000:  # enough draws for a 5% check of the standard deviation
+            assert layer.weight.std().item() == pytest.approx((2.0 / fan_in) ** 0.5, rel=0.05)
+        assert abs(layer.weight.mean().item()) < 0.1 * (2.0 / fan_in) ** 0.5
+        assert not layer.bias.any()
+    assert not layers[-1].bias.any() and layers[-1].weight.abs().max() <= 1 / 200**0.5  # PyTorch's bound
+    torch.manual_seed(0)
+    reference = _weighted_layers(SmallCNN(init="reference"))
+    torch.manual_seed(0)
+    torch_init = _weighted_layers(SmallCNN(init="torch"))
+    for layer, same in zip(reference[4:6], torch_init[4:6], strict=True):  # hidden FC layers: PyTorch's default
+        assert torch.equal(layer.weight, same.weight) and torch.equal(layer.bias, same.bias)
+    for layer, redrawn in zip(reference[:4], torch_init[:4], strict=True):  # convolutions: He, zero bias
+        assert not layer.bias.any() and not torch.equal(layer.weight, redrawn.weight)
+    assert not reference[-1].weight.any() and not reference[-1].bias.any()
+    with pytest.raises(ValueError, match="init must be"):
+        SmallCNN(init="xavier")
+
+
+def test_small_cnn_default_init_is_the_one_named_by_default_init():
+    from advtrain.models.small_cnn import DEFAULT_INIT
+
+    torch.manual_seed(0)
+    default = _weighted_layers(SmallCNN())
+    torch.manual_seed(0)
+    named = _weighted_layers(SmallCNN(init=DEFAULT_INIT))
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(default, named, strict=True))
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_registered_model_states_its_initialisation(name):
+    doc = registry_module._REGISTRY[name].__doc__ or ""
+    assert "Initialisation" in doc and "reference" in doc, f"{name}: say how it is initialised and after which code"
+
+
+def test_preact_resnet_torch_init_keeps_pytorchs_default():
+    torch.manual_seed(0)
+    plain = PreActResNet18(init="torch")
+    torch.manual_seed(0)
+    he = PreActResNet18()
+    convs = [(a, b) for a, b in zip(plain.modules(), he.modules(), strict=True) if isinstance(a, nn.Conv2d)]
+    for default, redrawn in convs:
+        bound = 1 / default.weight[0].numel() ** 0.5  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert default.weight.abs().max() <= bound and not torch.equal(default.weight, redrawn.weight)
+    with pytest.raises(ValueError, match="init must be"):
+        PreActResNet18(init="xavier")

@@ -25,9 +25,10 @@ class MadryLeNet(Classifier):
     FC(num_classes)``; 3,274,634 parameters on MNIST. Layer one (for YOPO) is the first convolution and
     its ReLU.
 
-    Weights follow the reference TensorFlow model: truncated normal with standard deviation 0.1 (cut at
-    two standard deviations) and biases 0.1. The initial logits are therefore large; the reference
-    trains it with Adam at learning rate 1e-4.
+    Initialisation: as the reference TensorFlow model of the MNIST challenge (MadryLab/mnist_challenge,
+    ``model.py``): every weight truncated normal with standard deviation 0.1 (TensorFlow cuts at two standard
+    deviations) and every bias 0.1. The initial logits are therefore large; the reference trains it with Adam at
+    learning rate 1e-4.
 
     Args:
         num_classes: Number of output logits.

@@ -8,6 +8,7 @@ papers, e.g. Rice, Wong and Kolter, "Overfitting in adversarially robust deep le
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,9 +70,16 @@ class PreActResNet18(Classifier):
     one (for YOPO) is the stem convolution alone. Global pooling makes any input side of at least 8
     pixels work (e.g. 28x28 MNIST with ``in_channels=1``).
 
+    Initialisation: ``init="he"`` (the default) is advtrain's residual-network init (He-normal ``fan_out``
+    convolutions, BatchNorm weight 1 and bias 0, linear bias 0, linear weight PyTorch's default), the convention of
+    the WideResNet reference code, not of this network's: the PreActResNet-18 of Rice et al.'s reference code
+    (locuslab/robust_overfitting, ``preactresnet.py``) re-initialises nothing, i.e. PyTorch's default layer init,
+    which ``init="torch"`` gives.
+
     Args:
         num_classes: Number of output logits.
         in_channels: Number of input channels.
+        init: ``"he"`` or ``"torch"`` (above).
         mean: Per-channel input mean, see :class:`~advtrain.models.base.Classifier`.
         std: Per-channel input standard deviation, see :class:`~advtrain.models.base.Classifier`.
     """
@@ -81,10 +89,14 @@ class PreActResNet18(Classifier):
         *,
         num_classes: int = 10,
         in_channels: int = 3,
+        init: Literal["he", "torch"] = "he",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        if init not in ("he", "torch"):
+            raise ValueError(f"init must be 'he' or 'torch', got {init!r}")
+        self.init = init
         self.first = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         stages = []
         in_planes = 64
@@ -95,7 +107,8 @@ class PreActResNet18(Classifier):
         # Pre-activation blocks end on a convolution, so the head needs its own BN-ReLU.
         self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
-        init_resnet_weights(self)
+        if init == "he":
+            init_resnet_weights(self)
 
     def rest(self, h: Tensor) -> Tensor:
         """Maps the stem output to logits.

@@ -18,6 +18,9 @@ from advtrain.models.registry import register_model
 
 __all__ = ["SmallCNN"]
 
+# The initialisation SmallCNN uses when none is asked for: changing the default is this one line.
+DEFAULT_INIT = "he"
+
 
 @register_model("small_cnn")
 class SmallCNN(Classifier):
@@ -29,6 +32,19 @@ class SmallCNN(Classifier):
     smaller values give a cheap variant for CPU runs. Layer one (for YOPO) is the first convolution and
     its ReLU.
 
+    Initialisation (``init``), none of which is the reference code's exactly unless stated:
+
+    * ``"he"`` (the default, ``DEFAULT_INIT``): He-normal ``fan_in`` weights (He et al., "Delving Deep into
+      Rectifiers", ICCV 2015) and zero biases for every convolution and the two hidden fully connected layers; the
+      last layer keeps PyTorch's default weights and gets a zero bias. advtrain's choice.
+    * ``"torch"``: PyTorch's default layer initialisation (Kaiming-uniform with ``a = sqrt(5)``, biases uniform in
+      ±1/sqrt(fan_in)), i.e. no re-initialisation at all.
+    * ``"reference"``: the initialisation of the reference PyTorch code of DDN (``fast_adv/models/mnist/
+      small_cnn.py``), TRADES (``models/small_cnn.py``) and YOPO (``experiments/MNIST/YOPO-5-10/network.py``), which
+      is the same in all three: He-normal ``fan_in`` convolution weights with zero biases, PyTorch's default for the
+      two hidden fully connected layers, and a last layer with zero weights and zero bias (all logits 0 at the
+      start). Carlini and Wagner's original Keras model used Keras's defaults (Glorot-uniform, zero biases).
+
     Args:
         num_classes: Number of output logits.
         in_channels: Number of input channels.
@@ -39,6 +55,7 @@ class SmallCNN(Classifier):
         dropout: Dropout probability after the first hidden fully connected layer.
         activation: ``"relu"`` (the published model) or a smooth ``"softplus"``/``"silu"`` variant, whose
             Hessian does not vanish almost everywhere (second-order attacks, Yao et al. 2019).
+        init: ``"he"``, ``"torch"`` or ``"reference"`` (above); ``None`` gives ``DEFAULT_INIT``.
         mean: Per-channel input mean, see :class:`~advtrain.models.base.Classifier`.
         std: Per-channel input standard deviation, see :class:`~advtrain.models.base.Classifier`.
 
@@ -57,6 +74,7 @@ class SmallCNN(Classifier):
         hidden: int = 200,
         dropout: float = 0.5,
         activation: Literal["relu", "softplus", "silu"] = "relu",
+        init: Literal["he", "torch", "reference"] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
@@ -74,6 +92,10 @@ class SmallCNN(Classifier):
         if activation not in acts:
             raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
         act = acts[activation]
+        init = DEFAULT_INIT if init is None else init
+        if init not in ("he", "torch", "reference"):
+            raise ValueError(f"init must be 'he', 'torch' or 'reference', got {init!r}")
+        self.init = init
 
         self.first = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3), act())
         self.features = nn.Sequential(
@@ -94,19 +116,25 @@ class SmallCNN(Classifier):
             act(),
             nn.Linear(hidden, num_classes),
         )
-        self._init_weights()
+        self._init_weights(init)
 
-    def _init_weights(self) -> None:
-        """He initialisation (He et al., "Delving Deep into Rectifiers", ICCV 2015) and zero biases.
+    def _init_weights(self, init: str) -> None:
+        """Re-initialises the layers built with PyTorch's defaults (see the class docstring).
 
-        Every layer but the last feeds a ReLU, for which He's ``fan_in`` scaling keeps the activation
-        variance constant; the last layer keeps PyTorch's default so the initial logits stay small.
+        ``"he"``: every layer but the last feeds a ReLU, for which He's ``fan_in`` scaling keeps the activation
+        variance constant; the last layer keeps PyTorch's default weights so the initial logits stay small.
         """
+        if init == "torch":
+            return
         last = self.classifier[-1]
         for module in self.modules():
-            if isinstance(module, nn.Conv2d | nn.Linear) and module is not last:
+            if module is last or not isinstance(module, nn.Conv2d | nn.Linear):
+                continue
+            if init == "he" or isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        if init == "reference":
+            nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     def rest(self, h: Tensor) -> Tensor:

@@ -69,6 +69,11 @@ class WideResNet(Classifier):
     strides 1/2/2, final BN-ReLU, global average pooling and a linear classifier. Layer one (for YOPO) is
     the stem convolution alone.
 
+    Initialisation: He-normal ``fan_out`` convolutions, BatchNorm weight 1 and bias 0, linear bias 0 and linear
+    weight PyTorch's default (:func:`~advtrain.models._init.init_resnet_weights`), as in the WideResNet of the
+    TRADES reference code (yaodongyu/TRADES, ``models/wideresnet.py``: normal with std sqrt(2 / (k·k·out_channels)))
+    and of Rice et al.'s (locuslab/robust_overfitting, ``wideresnet.py``).
+
     Args:
         depth: Total depth, of the form ``6n + 4`` with ``n >= 1`` (28, 34, 40, ...).
         widen_factor: Width multiplier ``k``.
@@ -152,6 +157,8 @@ def _preset(name: str, depth: int, widen_factor: int, summary: str):
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"""{summary}
+
+    Initialisation: as :class:`WideResNet` (He-normal ``fan_out`` convolutions, as the TRADES reference code).
 
     Args:
         dropout: Dropout probability inside each block.
