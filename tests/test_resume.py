@@ -224,13 +224,14 @@ class _Crash(pl.Callback):
 
 
 def _in_process_fit(folder: Path, *, crash_at: int | None = None, ckpt_path: str | None = None):
-    """A small in-process fit (PGD with random starts: it draws from the global RNG every step) through AdvTrainer."""
+    """A small in-process fit (PGD with random starts: it draws from the global RNG every step) through AdvTrainer,
+    with its budget ramped over the first 2 epochs (a crash mid-ramp must resume at the same budget)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
     from advtrain.cli import AdvTrainer
     from advtrain.maximizers import PGD
-    from advtrain.training import AdversarialTraining
+    from advtrain.training import AdversarialTraining, BudgetRamp
 
     pl.seed_everything(0, verbose=False)
     gen = torch.Generator().manual_seed(1)
@@ -238,7 +239,8 @@ def _in_process_fit(folder: Path, *, crash_at: int | None = None, ckpt_path: str
                          torch.arange(40))  # fmt: skip
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8},
-                                 maximizer=PGD(eps=0.1, steps=2, step_size=0.05))  # fmt: skip
+                                 maximizer=PGD(eps=0.1, steps=2, step_size=0.05),
+                                 budget_schedule=BudgetRamp(start=0.25, epochs=2))  # fmt: skip
     callbacks = [ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1, save_top_k=0)]
     callbacks += ([_Crash(crash_at)] if crash_at is not None else []) + [FinalDump()]
     trainer = AdvTrainer(max_epochs=3, deterministic=True, logger=JsonlLogger(str(folder / "metrics.jsonl")),
@@ -269,6 +271,9 @@ def test_resume_in_process_replays_order_rng_and_epoch_metrics(tmp_path, monkeyp
         assert torch.equal(value, b["state"][key]), f"{key} differs after resuming"
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
     assert _lines(broken / "metrics.jsonl") == _lines(straight / "metrics.jsonl")
+    # The ramp's epoch means of ε (steps 0-4, 5-9 on the ramp; 10-14 at the full 0.1), logged alike in both runs.
+    eps = [row["train/eps"] for row in _lines(broken / "metrics.jsonl") if "train/eps" in row]
+    assert eps == pytest.approx([0.1 * (0.25 + 0.75 * 2 / 10), 0.1 * (0.25 + 0.75 * 7 / 10), 0.1], rel=1e-6)
 
 
 _DDP_CONFIG = _config(
