@@ -22,6 +22,7 @@ from advtrain.maximizers import MMA, PGD, TRADES, YOPO, FastFGSM, InnerMaximizer
 from advtrain.models import create_model
 from advtrain.threat.geometry import geometry_for
 from advtrain.training import AdversarialTraining, BudgetRamp
+from advtrain.training.checkpoint import load_training_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MAXIMIZERS = sorted(
@@ -287,6 +288,8 @@ def test_cli_ramp_runs_and_logs_train_eps(tmp_path):
     eps = [float(r["train/eps"]) for r in rows]
     # Steps 0, 1 at factors 0.5, 0.625 (epoch mean 0.5625), steps 2, 3 at 0.75, 0.875 (0.8125); ε = 0.3.
     assert eps == pytest.approx([0.5625 * 0.3, 0.8125 * 0.3], rel=1e-6)
+    module = load_training_module(tmp_path / "checkpoints" / "ramp" / "last.ckpt")  # the schedule is in the hparams
+    assert isinstance(module.budget_schedule, BudgetRamp) and module.budget_schedule.steps == 4
     bad = subprocess.run([*args, "--model.budget_schedule.start", "1.5"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "budget_schedule.start must be in (0, 1]" in bad.stderr + bad.stdout
