@@ -20,18 +20,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import yaml
 from jsonargparse import set_parsing_settings
 from omegaconf import OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from advtrain.attacks.base import Attack
 from advtrain.data.base import AdvDataModule
 from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.runtime import tune_cpu_allocator
+from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
+from advtrain.training.run_folder import RunLock, resolve_checkpoint, run_folder
 
 log = logging.getLogger("advtrain")
 
@@ -134,6 +138,80 @@ class AdvTrainer(pl.Trainer):
         if not any(isinstance(cb, ExactResume) for cb in self.callbacks):
             # First: its state must be complete before ModelCheckpoint (always last) writes a checkpoint.
             self.callbacks.insert(0, ExactResume())
+
+    # fit/validate/test: Lightning's, with the checkpoint read by advtrain's safe loader before Lightning loads it
+    # (one loading path for the CLI and the Python API) and trust_checkpoint as in evaluate.
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """Runs the full optimization routine (Lightning's ``fit``).
+
+        Args:
+            model: the module to train.
+            train_dataloaders: training loaders (or a datamodule).
+            val_dataloaders: validation loaders.
+            datamodule: provides the loaders.
+            ckpt_path: checkpoint to resume from; through the CLI, ``last`` is ``checkpoints/<run_name>/last.ckpt``.
+            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
+            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
+        """
+        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list:
+        """Runs one evaluation epoch over the validation set (Lightning's ``validate``).
+
+        Args:
+            model: the module to validate.
+            dataloaders: validation loaders (or a datamodule).
+            ckpt_path: checkpoint whose weights to validate.
+            verbose: print the results.
+            datamodule: provides the loaders.
+            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
+            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
+        """
+        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def test(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+        trust_checkpoint: bool = False,
+    ) -> list:
+        """Runs one evaluation epoch over the test set (Lightning's ``test``).
+
+        Args:
+            model: the module to test.
+            dataloaders: test loaders (or a datamodule).
+            ckpt_path: checkpoint whose weights to test.
+            verbose: print the results.
+            datamodule: provides the loaders.
+            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
+            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
+        """
+        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def evaluate(
         self,
@@ -268,6 +346,15 @@ class AdvTrainer(pl.Trainer):
         return self.evaluate(**kwargs)
 
 
+def _checked_checkpoint(ckpt_path, weights_only, trust):
+    """``(ckpt_path, weights_only)`` for Lightning once :func:`~advtrain.training.checkpoint.read_checkpoint` has
+    checked the file (it exists, is whole, needs no code unless trusted, names only allowed classes); Lightning's
+    keywords (``last``, ``best``, ...) are left to Lightning."""
+    if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+        read_checkpoint(ckpt_path, trust=trust)
+    return ckpt_path, (not trust if weights_only is None else weights_only)
+
+
 def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
     """The model to evaluate: an advtrain checkpoint's module, or a plain state dict loaded into ``--arch`` (or the
     config's model), or, without a checkpoint, the config's (untrained) model."""
@@ -309,6 +396,8 @@ class AdvSaveConfig(SaveConfigCallback):
     """Saves the fully resolved config next to the checkpoints and into the W&B run."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.fast_dev_run:  # writes nothing a later run would take for a run's (as no checkpoint is written)
+            return
         text = self.parser.dump(self.config, skip_none=False)
         ckpt = trainer.checkpoint_callback
         folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
@@ -322,7 +411,24 @@ class AdvSaveConfig(SaveConfigCallback):
 
 
 class AdvTrainCLI(LightningCLI):
-    """LightningCLI with advtrain's defaults, links and error messages."""
+    """LightningCLI with advtrain's defaults, links and error messages, one precedence rule and safe checkpoints.
+
+    For every subcommand given ``--ckpt_path``, values come from, highest first: explicit flags, ``--config`` files,
+    the checkpoint's stored hyperparameters, advtrain's defaults. The checkpoint is read by
+    :func:`~advtrain.training.checkpoint.read_checkpoint` (whole, no code unless ``--trust_checkpoint true``, only
+    allowed class paths) before any of its values is parsed. ``--ckpt_path last`` is
+    ``checkpoints/<run_name>/last.ckpt``. ``fit`` holds its run folder while it runs
+    (:class:`~advtrain.training.run_folder.RunLock`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._run_lock: RunLock | None = None
+        self._args: list[str] | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -353,6 +459,51 @@ class AdvTrainCLI(LightningCLI):
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):  # kept to re-parse with the checkpoint's layer
+            self._args = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's hook, which loads ``--ckpt_path`` with ``torch.load`` and merges its
+        hyperparameters *over* the parsed config (so they beat explicit flags, and a foreign ``class_path`` is
+        imported before any check). Here the file is checked first, then the command line is parsed again with the
+        checkpoint's hyperparameters as a config layer right after the defaults: the user's ``--config`` files and
+        flags (an explicit ``null`` too) override it key by key."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        folder = run_folder(config.run_name)
+        path = resolve_checkpoint(config.get("ckpt_path"), folder)
+        if path is None:
+            return
+        checkpoint = read_checkpoint(path, trust=bool(config.get("trust_checkpoint")))
+        layer = stored_hyperparameters(checkpoint)
+        if layer:
+            if self._args is None or subcommand not in self._args:
+                raise InvalidConfigError("--ckpt_path with hyperparameters needs the arguments as a list of strings.")
+            at = self._args.index(subcommand) + 1
+            text = yaml.safe_dump({"model": layer}, sort_keys=False)
+            self.config = self.parser.parse_args([*self._args[:at], "--config", text, *self._args[at:]])
+        self.config[subcommand].ckpt_path = str(path)
+        if subcommand == "fit":
+            log.info("Resuming from %s, saved at epoch %s (global step %s).", path, checkpoint.get("epoch", "?"),
+                     checkpoint.get("global_step", "?"))  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        """``fit`` (rank 0, not a ``fast_dev_run``, which writes nothing) takes its run folder: refused while another
+        process holds it, or when it holds another run that this one does not resume."""
+        if self.subcommand != "fit" or rank_zero_only.rank != 0:
+            return
+        config = self.config.fit
+        if config.trainer.get("fast_dev_run"):
+            return
+        folder = run_folder(config.run_name)
+        ckpt_path = config.get("ckpt_path")
+        resuming = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+        self._run_lock = RunLock(folder, resuming=resuming)
+
     def _after(self) -> None:
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and self.trainer.is_global_zero and logger._experiment is not None:
@@ -370,7 +521,7 @@ class AdvTrainCLI(LightningCLI):
             return
         from advtrain.training.resume import resume_wandb_run
 
-        resume_wandb_run(self.trainer, ckpt_path)
+        resume_wandb_run(self.trainer, ckpt_path)  # the file itself: _parse_ckpt_path resolved "last"
 
 
 _WANDB_PROBE_TIMEOUT_S = 3.0
