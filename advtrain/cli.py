@@ -393,16 +393,16 @@ def _device(trainer: pl.Trainer):
 
 
 class AdvSaveConfig(SaveConfigCallback):
-    """Saves the fully resolved config next to the checkpoints and into the W&B run."""
+    """Saves the fully resolved config next to the checkpoints (``fit``) and into the W&B run (every subcommand).
+    Lightning adds no such callback in a ``fast_dev_run``."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.fast_dev_run:  # writes nothing a later run would take for a run's (as no checkpoint is written)
-            return
         text = self.parser.dump(self.config, skip_none=False)
-        ckpt = trainer.checkpoint_callback
-        folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(text)
+        if stage == "fit":  # the run folder is a fit's: validate/test/evaluate must not overwrite its config.yaml
+            ckpt = trainer.checkpoint_callback
+            folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.yaml").write_text(text)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
