@@ -139,80 +139,6 @@ class AdvTrainer(pl.Trainer):
             # First: its state must be complete before ModelCheckpoint (always last) writes a checkpoint.
             self.callbacks.insert(0, ExactResume())
 
-    # fit/validate/test: Lightning's, with the checkpoint read by advtrain's safe loader before Lightning loads it
-    # (one loading path for the CLI and the Python API) and trust_checkpoint as in evaluate.
-    def fit(
-        self,
-        model: pl.LightningModule,
-        train_dataloaders: Any = None,
-        val_dataloaders: Any = None,
-        datamodule: pl.LightningDataModule | None = None,
-        ckpt_path: str | Path | None = None,
-        weights_only: bool | None = None,
-        trust_checkpoint: bool = False,
-    ) -> None:
-        """Runs the full optimization routine (Lightning's ``fit``).
-
-        Args:
-            model: the module to train.
-            train_dataloaders: training loaders (or a datamodule).
-            val_dataloaders: validation loaders.
-            datamodule: provides the loaders.
-            ckpt_path: checkpoint to resume from; through the CLI, ``last`` is ``checkpoints/<run_name>/last.ckpt``.
-            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
-            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
-        """
-        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
-
-    def validate(
-        self,
-        model: pl.LightningModule | None = None,
-        dataloaders: Any = None,
-        ckpt_path: str | Path | None = None,
-        verbose: bool = True,
-        datamodule: pl.LightningDataModule | None = None,
-        weights_only: bool | None = None,
-        trust_checkpoint: bool = False,
-    ) -> list:
-        """Runs one evaluation epoch over the validation set (Lightning's ``validate``).
-
-        Args:
-            model: the module to validate.
-            dataloaders: validation loaders (or a datamodule).
-            ckpt_path: checkpoint whose weights to validate.
-            verbose: print the results.
-            datamodule: provides the loaders.
-            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
-            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
-        """
-        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
-        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
-
-    def test(
-        self,
-        model: pl.LightningModule | None = None,
-        dataloaders: Any = None,
-        ckpt_path: str | Path | None = None,
-        verbose: bool = True,
-        datamodule: pl.LightningDataModule | None = None,
-        weights_only: bool | None = None,
-        trust_checkpoint: bool = False,
-    ) -> list:
-        """Runs one evaluation epoch over the test set (Lightning's ``test``).
-
-        Args:
-            model: the module to test.
-            dataloaders: test loaders (or a datamodule).
-            ckpt_path: checkpoint whose weights to test.
-            verbose: print the results.
-            datamodule: provides the loaders.
-            weights_only: passed to ``torch.load`` (default: ``not trust_checkpoint``).
-            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
-        """
-        ckpt_path, weights_only = _checked_checkpoint(ckpt_path, weights_only, trust_checkpoint)
-        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
-
     def evaluate(
         self,
         model: AdversarialTraining,
@@ -246,11 +172,13 @@ class AdvTrainer(pl.Trainer):
         ``report.md``, ``accuracy_vs_eps.png`` and ``minimal_norms.png``.
 
         Args:
-            model: used only when no checkpoint is given, or as the architecture of a plain state dict.
+            model: receives the checkpoint's classifier weights (unless ``arch`` is given); the CLI builds it from
+                the config layered over the checkpoint's hyperparameters.
             datamodule: provides the evaluation split.
-            ckpt_path: an advtrain ``.ckpt`` (architecture and threat model are restored from it), or a plain state
-                dict (RobustBench style, read with ``weights_only=True``; ``state_dict``/``model`` wrappers and
-                ``module.`` prefixes are removed) for the model given by ``--arch`` or the config.
+            ckpt_path: an advtrain ``.ckpt`` (through the CLI, architecture and threat model come from it unless
+                flags or config files say otherwise), or a plain state dict (RobustBench style, read with
+                ``weights_only=True``; ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed) for
+                the model given by ``--arch`` or the config.
             split: ``"test"`` or ``"val"``.
             norm: threat model (default: the checkpoint's validation attack).
             eps: main budget (default: the checkpoint's validation attack).
@@ -346,33 +274,24 @@ class AdvTrainer(pl.Trainer):
         return self.evaluate(**kwargs)
 
 
-def _checked_checkpoint(ckpt_path, weights_only, trust):
-    """``(ckpt_path, weights_only)`` for Lightning once :func:`~advtrain.training.checkpoint.read_checkpoint` has
-    checked the file (it exists, is whole, needs no code unless trusted, names only allowed classes); Lightning's
-    keywords (``last``, ``best``, ...) are left to Lightning."""
-    if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
-        read_checkpoint(ckpt_path, trust=trust)
-    return ckpt_path, (not trust if weights_only is None else weights_only)
-
-
 def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
-    """The model to evaluate: an advtrain checkpoint's module, or a plain state dict loaded into ``--arch`` (or the
-    config's model), or, without a checkpoint, the config's (untrained) model."""
-    from advtrain.training.checkpoint import load_training_module, read_checkpoint
+    """The model to evaluate: the checkpoint's weights (an advtrain checkpoint's classifier, or a plain state dict)
+    loaded into ``--arch`` or else into the given module's classifier; without a checkpoint, the given (untrained)
+    module. Through the CLI the module is built from the config layered over the checkpoint's hyperparameters
+    (:class:`AdvTrainCLI`), so flags and config files apply as in validate and test."""
+    from advtrain.training.checkpoint import read_checkpoint
     from advtrain.training.module import _build_model, _load_classifier_weights
 
     if ckpt_path is None:
         log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
         return model
     ckpt = read_checkpoint(ckpt_path, trust=trust)
-    if arch is None and "state_dict" in ckpt and "hyper_parameters" in ckpt:
-        return load_training_module(ckpt_path, trust=trust)
     if arch is not None:
         facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
         classifier = _build_model(arch, arch_kwargs or {}, *facts)
     else:
         classifier = model.model
-    _load_classifier_weights(classifier, ckpt_path)  # weights_only=True, unwraps state_dict/model and module.
+    _load_classifier_weights(classifier, ckpt_path, ckpt)  # unwraps state_dict/model, model. and module. prefixes
     if arch is None:
         return model
     return classifier.eval()
@@ -432,7 +351,8 @@ class AdvTrainCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+        # evaluate's trust_checkpoint is the top-level --trust_checkpoint of every subcommand (add_arguments_to_parser)
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule", "trust_checkpoint"}}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
@@ -450,6 +370,9 @@ class AdvTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
                             help="Name of the run: W&B run name and checkpoints/<run_name>/ folder.")  # fmt: skip
+        parser.add_argument("--trust_checkpoint", type=bool, default=False,
+                            help="Allow a --ckpt_path file that needs code execution to load, or names classes "
+                            "outside advtrain/torch/Lightning (only for files from a source you trust).")  # fmt: skip
         # The threat model as variables: recipes interpolate ${threat.eps} into the maximizer and the validation
         # attack, so one override (--threat.eps 0.1) moves both, and swapping the maximizer keeps the evaluation.
         parser.add_argument("--threat.norm", type=Literal["linf", "l2"], default="linf",
@@ -490,6 +413,18 @@ class AdvTrainCLI(LightningCLI):
         if subcommand == "fit":
             log.info("Resuming from %s, saved at epoch %s (global step %s).", path, checkpoint.get("epoch", "?"),
                      checkpoint.get("global_step", "?"))  # fmt: skip
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        # LightningCLI (private since pytorch-lightning 1.5, unchanged through 2.6) passes a subcommand only its
+        # method's own arguments; --trust_checkpoint reaches evaluate as its argument, and Lightning's own loader in
+        # fit/validate/test/predict as weights_only=False (the file was checked by _parse_ckpt_path already).
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        trust = bool(self.config_init[subcommand].get("trust_checkpoint"))
+        if subcommand == "evaluate":
+            kwargs["trust_checkpoint"] = trust
+        elif trust and "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = False
+        return kwargs
 
     def before_instantiate_classes(self) -> None:
         """``fit`` (rank 0, not a ``fast_dev_run``, which writes nothing) takes its run folder: refused while another

@@ -142,6 +142,17 @@ def test_flags_beat_the_checkpoint_hyperparameters_in_validate(workdir):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["p"]  # no folder for validate's run name
 
 
+def test_flags_beat_the_checkpoint_hyperparameters_in_evaluate(workdir):
+    """evaluate attacks at the validation attack's ε that the flag gave (through the recipe), on the checkpoint's
+    architecture (its arch_kwargs, stated nowhere else)."""
+    args = ["--config", QUICKSTART, "--trainer.logger", "false", "--ckpt_path", "checkpoints/p/last.ckpt",
+            "--max_samples", "8", "--steps", "1", "--progress", "false", "--plots", "false", "--output", "out",
+            "--data.init_args.num_workers", "0"]  # fmt: skip
+    done = run_advtrain("evaluate", *args, "--threat.eps", "0.05", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((workdir / "out" / "report.json").read_text())["eps"] == 0.05  # the checkpoint's is 0.3
+
+
 def test_an_explicit_null_beats_the_checkpoint_in_test(workdir):
     probe = _with_callback(workdir, "DumpModule")
     done = run_advtrain("test", *TINY, *probe, "--ckpt_path", "checkpoints/p/last.ckpt", "--model.val_attack", "null",
