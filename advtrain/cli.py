@@ -388,11 +388,11 @@ class AdvTrainCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's hook, which loads ``--ckpt_path`` with ``torch.load`` and merges its
-        hyperparameters *over* the parsed config (so they beat explicit flags, and a foreign ``class_path`` is
-        imported before any check). Here the file is checked first, then the command line is parsed again with the
-        checkpoint's hyperparameters as a config layer right after the defaults: the user's ``--config`` files and
-        flags (an explicit ``null`` too) override it key by key."""
+        """Replaces LightningCLI's private hook (run between parsing and instantiation), which loads ``--ckpt_path``
+        with ``torch.load`` and merges its hyperparameters *over* the parsed config (so they beat explicit flags, and
+        a foreign ``class_path`` is imported before any check). Here the file is checked first, then the command line
+        is parsed again with the checkpoint's hyperparameters as a config layer right after the defaults: the user's
+        ``--config`` files and flags (an explicit ``null`` too) override it key by key."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -408,16 +408,21 @@ class AdvTrainCLI(LightningCLI):
                 raise InvalidConfigError("--ckpt_path with hyperparameters needs the arguments as a list of strings.")
             at = self._args.index(subcommand) + 1
             text = yaml.safe_dump({"model": layer}, sort_keys=False)
-            self.config = self.parser.parse_args([*self._args[:at], "--config", text, *self._args[at:]])
+            try:
+                self.config = self.parser.parse_args([*self._args[:at], "--config", text, *self._args[at:]])
+            except SystemExit:
+                log.error("(The hyperparameters stored in %s were parsed as a config layer under yours.)", path)
+                raise
         self.config[subcommand].ckpt_path = str(path)
         if subcommand == "fit":
             log.info("Resuming from %s, saved at epoch %s (global step %s).", path, checkpoint.get("epoch", "?"),
                      checkpoint.get("global_step", "?"))  # fmt: skip
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        # LightningCLI (private since pytorch-lightning 1.5, unchanged through 2.6) passes a subcommand only its
-        # method's own arguments; --trust_checkpoint reaches evaluate as its argument, and Lightning's own loader in
-        # fit/validate/test/predict as weights_only=False (the file was checked by _parse_ckpt_path already).
+        # A private LightningCLI method (as _parse_ckpt_path; both checked with pytorch-lightning 2.6, and exercised
+        # by tests/test_checkpoint_cli.py): it passes a subcommand only its method's own arguments. The top-level
+        # --trust_checkpoint reaches evaluate as its argument, and Lightning's own loader in fit/validate/test/predict
+        # as weights_only=False (the file was checked by _parse_ckpt_path already).
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         trust = bool(self.config_init[subcommand].get("trust_checkpoint"))
         if subcommand == "evaluate":
