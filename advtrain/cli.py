@@ -20,18 +20,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import yaml
 from jsonargparse import set_parsing_settings
 from omegaconf import OmegaConf
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from advtrain.attacks.base import Attack
 from advtrain.data.base import AdvDataModule
 from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.runtime import tune_cpu_allocator
+from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
+from advtrain.training.run_folder import RunLock, resolve_checkpoint, run_folder
 
 log = logging.getLogger("advtrain")
 
@@ -168,11 +172,13 @@ class AdvTrainer(pl.Trainer):
         ``report.md``, ``accuracy_vs_eps.png`` and ``minimal_norms.png``.
 
         Args:
-            model: used only when no checkpoint is given, or as the architecture of a plain state dict.
+            model: receives the checkpoint's classifier weights (unless ``arch`` is given); the CLI builds it from
+                the config layered over the checkpoint's hyperparameters.
             datamodule: provides the evaluation split.
-            ckpt_path: an advtrain ``.ckpt`` (architecture and threat model are restored from it), or a plain state
-                dict (RobustBench style, read with ``weights_only=True``; ``state_dict``/``model`` wrappers and
-                ``module.`` prefixes are removed) for the model given by ``--arch`` or the config.
+            ckpt_path: an advtrain ``.ckpt`` (through the CLI, architecture and threat model come from it unless
+                flags or config files say otherwise), or a plain state dict (RobustBench style, read with
+                ``weights_only=True``; ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed) for
+                the model given by ``--arch`` or the config.
             split: ``"test"`` or ``"val"``.
             norm: threat model (default: the checkpoint's validation attack).
             eps: main budget (default: the checkpoint's validation attack).
@@ -269,23 +275,23 @@ class AdvTrainer(pl.Trainer):
 
 
 def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
-    """The model to evaluate: an advtrain checkpoint's module, or a plain state dict loaded into ``--arch`` (or the
-    config's model), or, without a checkpoint, the config's (untrained) model."""
-    from advtrain.training.checkpoint import load_training_module, read_checkpoint
+    """The model to evaluate: the checkpoint's weights (an advtrain checkpoint's classifier, or a plain state dict)
+    loaded into ``--arch`` or else into the given module's classifier; without a checkpoint, the given (untrained)
+    module. Through the CLI the module is built from the config layered over the checkpoint's hyperparameters
+    (:class:`AdvTrainCLI`), so flags and config files apply as in validate and test."""
+    from advtrain.training.checkpoint import read_checkpoint
     from advtrain.training.module import _build_model, _load_classifier_weights
 
     if ckpt_path is None:
         log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
         return model
     ckpt = read_checkpoint(ckpt_path, trust=trust)
-    if arch is None and "state_dict" in ckpt and "hyper_parameters" in ckpt:
-        return load_training_module(ckpt_path, trust=trust)
     if arch is not None:
         facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
         classifier = _build_model(arch, arch_kwargs or {}, *facts)
     else:
         classifier = model.model
-    _load_classifier_weights(classifier, ckpt_path)  # weights_only=True, unwraps state_dict/model and module.
+    _load_classifier_weights(classifier, ckpt_path, ckpt)  # unwraps state_dict/model, model. and module. prefixes
     if arch is None:
         return model
     return classifier.eval()
@@ -306,14 +312,16 @@ def _device(trainer: pl.Trainer):
 
 
 class AdvSaveConfig(SaveConfigCallback):
-    """Saves the fully resolved config next to the checkpoints and into the W&B run."""
+    """Saves the fully resolved config next to the checkpoints (``fit``) and into the W&B run (every subcommand).
+    Lightning adds no such callback in a ``fast_dev_run``."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
-        ckpt = trainer.checkpoint_callback
-        folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(text)
+        if stage == "fit":  # the run folder is a fit's: validate/test/evaluate must not overwrite its config.yaml
+            ckpt = trainer.checkpoint_callback
+            folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.yaml").write_text(text)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
@@ -322,11 +330,29 @@ class AdvSaveConfig(SaveConfigCallback):
 
 
 class AdvTrainCLI(LightningCLI):
-    """LightningCLI with advtrain's defaults, links and error messages."""
+    """LightningCLI with advtrain's defaults, links and error messages, one precedence rule and safe checkpoints.
+
+    For every subcommand given ``--ckpt_path``, values come from, highest first: explicit flags, ``--config`` files,
+    the checkpoint's stored hyperparameters, advtrain's defaults. The checkpoint is read by
+    :func:`~advtrain.training.checkpoint.read_checkpoint` (whole, no code unless ``--trust_checkpoint true``, only
+    allowed class paths) before any of its values is parsed. ``--ckpt_path last`` is
+    ``checkpoints/<run_name>/last.ckpt``. ``fit`` holds its run folder while it runs
+    (:class:`~advtrain.training.run_folder.RunLock`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._run_lock: RunLock | None = None
+        self._args: list[str] | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+        # evaluate's trust_checkpoint is the top-level --trust_checkpoint of every subcommand (add_arguments_to_parser)
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule", "trust_checkpoint"}}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
@@ -344,6 +370,9 @@ class AdvTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
                             help="Name of the run: W&B run name and checkpoints/<run_name>/ folder.")  # fmt: skip
+        parser.add_argument("--trust_checkpoint", type=bool, default=False,
+                            help="Allow a --ckpt_path file that needs code execution to load, or names classes "
+                            "outside advtrain/torch/Lightning (only for files from a source you trust).")  # fmt: skip
         # The threat model as variables: recipes interpolate ${threat.eps} into the maximizer and the validation
         # attack, so one override (--threat.eps 0.1) moves both, and swapping the maximizer keeps the evaluation.
         parser.add_argument("--threat.norm", type=Literal["linf", "l2"], default="linf",
@@ -352,6 +381,68 @@ class AdvTrainCLI(LightningCLI):
                             help="Budget of the threat model, for interpolation as ${threat.eps}.")  # fmt: skip
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):  # kept to re-parse with the checkpoint's layer
+            self._args = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's private hook (run between parsing and instantiation), which loads ``--ckpt_path``
+        with ``torch.load`` and merges its hyperparameters *over* the parsed config (so they beat explicit flags, and
+        a foreign ``class_path`` is imported before any check). Here the file is checked first, then the command line
+        is parsed again with the checkpoint's hyperparameters as a config layer right after the defaults: the user's
+        ``--config`` files and flags (an explicit ``null`` too) override it key by key."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        folder = run_folder(config.run_name)
+        path = resolve_checkpoint(config.get("ckpt_path"), folder)
+        if path is None:
+            return
+        checkpoint = read_checkpoint(path, trust=bool(config.get("trust_checkpoint")))
+        layer = stored_hyperparameters(checkpoint)
+        if layer:
+            if self._args is None or subcommand not in self._args:
+                raise InvalidConfigError("--ckpt_path with hyperparameters needs the arguments as a list of strings.")
+            at = self._args.index(subcommand) + 1
+            text = yaml.safe_dump({"model": layer}, sort_keys=False)
+            try:
+                self.config = self.parser.parse_args([*self._args[:at], "--config", text, *self._args[at:]])
+            except SystemExit:
+                log.error("(The hyperparameters stored in %s were parsed as a config layer under yours.)", path)
+                raise
+        self.config[subcommand].ckpt_path = str(path)
+        if subcommand == "fit":
+            log.info("Resuming from %s, saved at epoch %s (global step %s).", path, checkpoint.get("epoch", "?"),
+                     checkpoint.get("global_step", "?"))  # fmt: skip
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        # A private LightningCLI method (as _parse_ckpt_path; both checked with pytorch-lightning 2.6, and exercised
+        # by tests/test_checkpoint_cli.py): it passes a subcommand only its method's own arguments. The top-level
+        # --trust_checkpoint reaches evaluate as its argument, and Lightning's own loader in fit/validate/test/predict
+        # as weights_only=False (the file was checked by _parse_ckpt_path already).
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        trust = bool(self.config_init[subcommand].get("trust_checkpoint"))
+        if subcommand == "evaluate":
+            kwargs["trust_checkpoint"] = trust
+        elif trust and "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = False
+        return kwargs
+
+    def before_instantiate_classes(self) -> None:
+        """``fit`` (rank 0, not a ``fast_dev_run``, which writes nothing) takes its run folder: refused while another
+        process holds it, or when it holds another run that this one does not resume."""
+        if self.subcommand != "fit" or rank_zero_only.rank != 0:
+            return
+        config = self.config.fit
+        if config.trainer.get("fast_dev_run"):
+            return
+        folder = run_folder(config.run_name)
+        ckpt_path = config.get("ckpt_path")
+        resuming = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+        self._run_lock = RunLock(folder, resuming=resuming)
 
     def _after(self) -> None:
         for logger in self.trainer.loggers:
@@ -370,7 +461,7 @@ class AdvTrainCLI(LightningCLI):
             return
         from advtrain.training.resume import resume_wandb_run
 
-        resume_wandb_run(self.trainer, ckpt_path)
+        resume_wandb_run(self.trainer, ckpt_path)  # the file itself: _parse_ckpt_path resolved "last"
 
 
 _WANDB_PROBE_TIMEOUT_S = 3.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
         common = ["--config", recipe, *extra, "--run_name", f"quickstart-{name}"]
         if opts.epochs is not None:
             common += ["--trainer.max_epochs", str(opts.epochs)]
+        shutil.rmtree(out / "checkpoints" / f"quickstart-{name}", ignore_errors=True)  # trains afresh each time
         fit_s = _run(["fit", *common, "--trainer.logger", "false"], cwd=out)
         ckpt = out / "checkpoints" / f"quickstart-{name}" / "last.ckpt"
         report_dir = out / f"eval-{name}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -67,6 +68,8 @@ def train(method: str, epochs: int, workdir: Path, extra: tuple[str, ...] = ()) 
     args += overrides
     args += ["--trainer.max_epochs", str(epochs), "--trainer.logger", "false", "--run_name", f"compare-{method}",
              "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    # Each call trains afresh: its run folder (of an earlier round) goes, or fit would refuse the name.
+    shutil.rmtree(workdir / "checkpoints" / f"compare-{method}", ignore_errors=True)
     cwd = os.getcwd()
     os.chdir(workdir)
     try:

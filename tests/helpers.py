@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,3 +82,17 @@ def never_fooled_binary(in_features: int = 64):
         worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
         model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
     return model, x, torch.zeros(5, dtype=torch.long)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_advtrain(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m advtrain ARGS`` as a user runs it, in a subprocess in ``cwd``: this checkout's advtrain (and the
+    tests' modules, for test callbacks named in configs), one thread, W&B offline under ``cwd``; ``env`` adds to or
+    replaces variables. Returns the finished process (``returncode``, ``stdout``, ``stderr``)."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "offline", "WANDB_DIR": str(cwd), **(env or {})}  # fmt: skip
+    # The timeout only guards the test suite against a hang; no test asserts on time.
+    command = [sys.executable, "-m", "advtrain", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True, timeout=600)

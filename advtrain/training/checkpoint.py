@@ -78,6 +78,25 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     return ckpt
 
 
+def stored_hyperparameters(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The module's hyperparameters a checkpoint (read by :func:`read_checkpoint`) holds, as the ``model`` section
+    of a config: plain dicts and lists, without Lightning's ``_instantiator`` key; a module saved under its own class
+    (``_class_path``) becomes ``class_path`` + ``dict_kwargs``. Empty for a plain state dict."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    hparams = plain(ckpt.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    return hparams
+
+
 def _class_paths(obj: Any) -> Iterator[str]:
     if isinstance(obj, dict):
         for key, value in obj.items():

@@ -363,12 +363,13 @@ def _build_model(arch, arch_kwargs, num_classes, image_shape, mean, std):
     return create_model(arch, **kwargs)
 
 
-def _load_classifier_weights(model: torch.nn.Module, path: str) -> None:
+def _load_classifier_weights(model: torch.nn.Module, path: str, ckpt: dict[str, Any] | None = None) -> None:
     """Loads classifier weights from an advtrain checkpoint (``model.*`` keys) or a plain state dict
-    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped)."""
+    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped); ``ckpt`` is
+    the file's content when already read (by ``read_checkpoint``)."""
     from advtrain.training.checkpoint import CheckpointError, read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     state = ckpt.get("state_dict", ckpt.get("model", ckpt))
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
@@ -376,4 +377,4 @@ def _load_classifier_weights(model: torch.nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"init_weights={path}: the weights do not fit the configured model: {err}") from None
+        raise CheckpointError(f"{path}: the weights do not fit the configured model: {err}") from None

@@ -259,34 +259,18 @@ def wandb_run_id(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def _resolve_checkpoint(trainer: pl.Trainer, ckpt_path: str) -> Path | None:
-    """The file ``--ckpt_path`` names: ``last`` is the newest ``last*.ckpt`` of the trainer's ModelCheckpoints."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    if ckpt_path not in ("last", "hpc", "best", "registry"):
-        return Path(ckpt_path)
-    if ckpt_path != "last":
-        return None
-    found = [
-        p
-        for cb in trainer.callbacks
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath
-        for p in Path(cb.dirpath).glob(f"{cb.CHECKPOINT_NAME_LAST}*{cb.FILE_EXTENSION}")
-    ]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
 def resume_wandb_run(trainer: pl.Trainer, ckpt_path: str) -> str | None:
-    """Points the trainer's W&B loggers at the run id stored in the checkpoint (``resume="allow"``, Lightning's
-    default), so that a resumed run continues its W&B run instead of forking a new one. Returns the id."""
+    """Points the trainer's W&B loggers at the run id stored in the checkpoint file ``ckpt_path``
+    (``resume="allow"``, Lightning's default), so that a resumed run continues its W&B run instead of forking a new
+    one. Returns the id."""
     from pytorch_lightning.loggers import WandbLogger
 
     from advtrain.errors import UserError
     from advtrain.training.checkpoint import read_checkpoint
 
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    path = _resolve_checkpoint(trainer, ckpt_path)
-    if not loggers or path is None or not path.is_file():
+    path = Path(ckpt_path)
+    if not loggers or not path.is_file():  # Lightning's keywords ("best", ...) name no file
         return None
     try:
         run_id = read_checkpoint(path).get(ExactResume().state_key, {}).get("wandb_id")
