@@ -77,3 +77,21 @@ def never_fooled_binary(in_features: int = 64):
         worst = max(0.1 * diff.abs().sum(), 0.5 * diff.norm())
         model.fc.bias.copy_(torch.stack([3.0 + worst - diff @ x[0].flatten(), torch.tensor(0.0)]))
     return model, x, torch.zeros(5, dtype=torch.long)
+
+
+class Float64Compute(nn.Module):
+    """Runs ``model`` in float64 on float32 inputs and returns float32 logits.
+
+    For tests comparing two evaluation orders of the same computation (a batched attack against a one-sample
+    reference, a fused call against separate calls): in float32 the batch size changes the kernels' summation order,
+    so gradients differ by ~1e-7 relative, which an L∞ sign step on a near-zero component, or a ReLU at its kink,
+    turns into a visible difference. In float64 that noise is ~1e-16 and vanishes when the logits and the input
+    gradient are rounded to float32 (it survives only where a value straddles a float32 rounding boundary), so both
+    orders see the same float32 numbers and the comparison can be exact to float32 rounding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.double()).float()
