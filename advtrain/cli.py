@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 from jsonargparse import set_parsing_settings
@@ -27,9 +27,11 @@ from pytorch_lightning.loggers import WandbLogger
 
 from advtrain.attacks.base import Attack
 from advtrain.data.base import AdvDataModule
+from advtrain.engine.tracking import autocast_dtype
 from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.runtime import tune_cpu_allocator
+from advtrain.threat.norms import Norm
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
 
@@ -82,9 +84,19 @@ def _subclass_names(base: type) -> list[str]:
 
 class AdvArgumentParser(LightningArgumentParser):
     """Adds what a user needs to fix a bad config: close matches for a misspelled key, the known classes for an
-    unknown component name."""
+    unknown component name. Abbreviated keys are refused (``allow_abbrev=False``): argparse's prefix matching would
+    take ``--trainer.max_epoch`` as ``--trainer.max_epochs`` and a misspelled key would pass silently."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    #: The command line being parsed (set by :func:`build_cli`), to name the ``--config`` file of a YAML error.
+    cli_args: ClassVar[list[str]] = []
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if "<unicode string>" in message:
+            message = message.replace('"<unicode string>"', _broken_config_file(self.cli_args))
         return super().error(message + self._hint(message), ex)
 
     def _hint(self, message: str) -> str:
@@ -114,6 +126,23 @@ class AdvArgumentParser(LightningArgumentParser):
             if close and word not in known:
                 return f"\n  Did you mean: {', '.join(close)}?"
         return ""
+
+
+def _broken_config_file(args: list[str]) -> str:
+    """The first ``--config`` file of ``args`` that is not valid YAML (quoted), for jsonargparse's YAML errors, which
+    name only ``<unicode string>``."""
+    import yaml
+
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    files += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    for name in files:
+        path = Path(name)
+        if path.is_file():
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return f'"{path}"'
+    return '"<unicode string>"'
 
 
 class AdvTrainer(pl.Trainer):
@@ -162,6 +191,7 @@ class AdvTrainer(pl.Trainer):
         seed: int = 0,
         resume: bool = False,
         plots: bool = True,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
         attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
@@ -197,6 +227,10 @@ class AdvTrainer(pl.Trainer):
             seed: seed of the suite's stochastic attacks.
             resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
             plots: write the PNG plots.
+            overwrite: replace the report an earlier run left in ``output`` (without it, such a run is refused).
+
+        The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
+        ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
         """
         import torch.distributed as dist
 
@@ -214,6 +248,13 @@ class AdvTrainer(pl.Trainer):
         model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
         # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
         base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
+        if norm is not None and eps is None and getattr(base, "eps", None) is not None and not attacks:
+            base_norm = getattr(getattr(base, "norm", None), "value", getattr(base, "norm", None))
+            if Norm.parse(norm) is not Norm.parse(base_norm):
+                raise InvalidConfigError(
+                    f"evaluate: --norm {norm} differs from the checkpoint's validation attack ({base_norm}, "
+                    f"eps={base.eps:.4g}), whose ε does not carry over to another norm: pass --eps for {norm}."
+                )
         norm = norm or getattr(base, "norm", None)
         eps = eps if eps is not None else getattr(base, "eps", None)
         named = {_attack_name(a, i): a for i, a in enumerate(attacks or [])} or None
@@ -231,12 +272,15 @@ class AdvTrainer(pl.Trainer):
             from advtrain.evaluation import build_suite
 
             entries = build_suite(suite, norm=norm, eps=eps, seed=seed, overrides=overrides)
+        _use_trainer_precision(self.precision, [*(named or {}).values(), *(e.attack for e in entries or [])])
+        progress = progress and self.progress_bar_callback is not None
+        if output is None:
+            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
+        _check_output_folder(Path(output), overwrite=overwrite, resume=resume)
         datamodule.prepare_data()
         datamodule.setup("test" if split == "test" else "validate")
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         device = _device(self)
-        if output is None:
-            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
         meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device),
                 "suite": suite}  # fmt: skip
         report = evaluate_robustness(
@@ -249,12 +293,13 @@ class AdvTrainer(pl.Trainer):
         if not self.is_global_zero:
             return data
         folder = write_report(report, output, meta, plots=plots)
-        for logger in self.loggers:
+        for logger in self.loggers:  # every configured logger (W&B, CSV, TensorBoard, ...)
+            logger.log_metrics(report.scalars(), step=0)
             if isinstance(logger, WandbLogger):
                 from advtrain.callbacks.robust import log_report_to_wandb
 
-                logger.log_metrics(report.scalars(), step=0)
                 log_report_to_wandb(logger, report)
+            logger.save()
         log.info(
             "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
             100 * data["clean_accuracy"], 100 * data["robust_accuracy_all"], data["samples"], data["wall_time_s"],
@@ -285,10 +330,39 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
         classifier = _build_model(arch, arch_kwargs or {}, *facts)
     else:
         classifier = model.model
-    _load_classifier_weights(classifier, ckpt_path)  # weights_only=True, unwraps state_dict/model and module.
+    what = f"--arch {arch}" if arch is not None else "model.arch (the config's)"
+    _load_classifier_weights(classifier, ckpt_path, what)  # weights_only=True, unwraps state_dict/model and module.
     if arch is None:
         return model
     return classifier.eval()
+
+
+_AUTOCAST_OF_PRECISION = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
+
+
+def _use_trainer_precision(precision: str, attacks: list[Attack]) -> None:
+    """``--trainer.precision`` for ``evaluate``: mixed precision runs every attack (that has no autocast of its own)
+    under autocast; the verification forward stays in float32."""
+    autocast = _AUTOCAST_OF_PRECISION.get(str(precision))
+    if autocast is None:
+        if str(precision) not in ("32-true", "32", "64-true", "64"):
+            log.warning("evaluate: --trainer.precision %s is not applied (only bf16-mixed and 16-mixed are: attacks "
+                        "under autocast); evaluating in float32.", precision)  # fmt: skip
+        return
+    for attack in attacks:
+        if getattr(attack, "autocast", "n/a") is None:
+            attack.autocast, attack._autocast = autocast, autocast_dtype(autocast)
+
+
+def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuses an ``--output`` that is a file, or that holds an earlier report (unless ``--overwrite true`` or
+    ``--resume true``), before any attack runs."""
+    if output.exists() and not output.is_dir():
+        raise InvalidConfigError(f"evaluate: --output {output} is a file; give a folder for the report.")
+    if (output / "report.json").is_file() and not (overwrite or resume):
+        raise InvalidConfigError(
+            f"evaluate: {output} already holds a report; pass --overwrite true to replace it, or another --output."
+        )
 
 
 def _attack_name(attack: Attack, i: int) -> str:
@@ -312,8 +386,14 @@ class AdvSaveConfig(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         ckpt = trainer.checkpoint_callback
         folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(text)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.yaml").write_text(text)
+        except OSError as err:  # a read-only or full checkpoints folder: stop before training, in one line
+            raise InvalidConfigError(
+                f"Cannot write to the checkpoint folder {folder} ({os.strerror(err.errno) if err.errno else err}): "
+                "make it writable, or point the ModelCheckpoint dirpath (or --run_name) elsewhere."
+            ) from None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
@@ -326,7 +406,9 @@ class AdvTrainCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
+        # Lightning's ``predict`` is left out: the module has no predict step and the datamodules no predict split.
+        lightning = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        return {**lightning, "evaluate": {"model", "datamodule"}}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
@@ -339,7 +421,7 @@ class AdvTrainCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             if os.environ.get("ADVTRAIN_DEBUG"):
                 raise
-            raise InvalidConfigError(f"The configuration could not be instantiated: {err}") from err
+            raise InvalidConfigError(f"The configuration could not be instantiated: {_one_line(err)}") from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
@@ -373,6 +455,17 @@ class AdvTrainCLI(LightningCLI):
         resume_wandb_run(self.trainer, ckpt_path)
 
 
+def _one_line(err: Exception) -> str:
+    """A jsonargparse instantiation error in one line: a class that failed inside a Union (``maximizer: PGD | None``)
+    is reported as the class and its own message, without the alternatives that were also tried."""
+    text = str(err)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ") and "Expected a <class" not in line]
+    cls = re.search(r"class_path='([\w.]+)'", text)
+    return f"{cls.group(1) if cls else 'a component'}: {'; '.join(reasons) or text.splitlines()[0]}"
+
+
 _WANDB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -381,9 +474,9 @@ def _configure_wandb() -> None:
     offline with a warning instead of blocking about 2 minutes in ``wandb.init``."""
     if os.environ.get("WANDB_MODE"):
         return
-    netrc = Path.home() / ".netrc"
-    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-        unreachable = _wandb_unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if os.environ.get("WANDB_API_KEY") or _netrc_has_key(base_url):
+        unreachable = _wandb_unreachable(base_url)
         if unreachable:
             os.environ["WANDB_MODE"] = "offline"
             log.warning("W&B API key found, but %s; logging to W&B offline (WANDB_MODE=offline). Upload the run "
@@ -391,6 +484,22 @@ def _configure_wandb() -> None:
         return
     os.environ["WANDB_MODE"] = "offline"
     log.info("No W&B API key found: logging to W&B in offline mode (WANDB_MODE=offline).")
+
+
+def _netrc_has_key(base_url: str) -> bool:
+    """Whether the netrc file (``$NETRC``, else ``~/.netrc``, as ``wandb login`` writes it) holds a login for the
+    W&B server's host (``api.wandb.ai`` or a self-hosted ``WANDB_BASE_URL``)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    host = urlparse(base_url if "://" in base_url else f"https://{base_url}").hostname or base_url
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return host in path.read_text(errors="ignore")
 
 
 def _wandb_unreachable(base_url: str, timeout: float = _WANDB_PROBE_TIMEOUT_S) -> str | None:
@@ -417,6 +526,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI
     """Builds (and with ``run`` runs) the CLI; ``run=False`` parses a config without a subcommand and instantiates
     the trainer, model and data, as the tests of every recipe do."""
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    AdvArgumentParser.cli_args = list(sys.argv[1:] if args is None else args)
     kwargs = {"default_config_files": [str(DEFAULTS)], "parser_mode": "omegaconf+"}
     parser_kwargs = {name: dict(kwargs) for name in AdvTrainCLI.subcommands()} if run else kwargs
     return AdvTrainCLI(
@@ -432,6 +542,12 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI
         args=args,
         run=run,
     )
+
+
+def _subcommand(args: list[str] | None) -> str:
+    """The subcommand of a command line (``fit``, ``evaluate``, ...), or ``""``."""
+    words = sys.argv[1:] if args is None else args
+    return next((w for w in words if w in AdvTrainCLI.subcommands()), "")
 
 
 def main(args: list[str] | None = None) -> AdvTrainCLI:
@@ -453,8 +569,16 @@ def main(args: list[str] | None = None) -> AdvTrainCLI:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls, not actionable
     # The resolved config.yaml is written into the checkpoint folder before ModelCheckpoint looks at it.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return build_cli(args)
     except UserError as err:
         log.error("%s", err)
+        raise SystemExit(2) from None
+    except OmegaConfBaseException as err:  # raised by jsonargparse's omegaconf+ mode past its own error handling
+        key = getattr(err, "full_key", None)
+        where = f" in {key.removeprefix(f'{_subcommand(args)}.')}" if key else ""
+        log.error("Config error%s: %s. Fix the ${...} reference or define the key it names.", where,
+                  str(err).splitlines()[0])  # fmt: skip
         raise SystemExit(2) from None

@@ -95,3 +95,19 @@ class Float64Compute(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.double()).float()
+
+
+def run_advtrain(*args: str, cwd, env: dict | None = None, timeout: int = 600):
+    """Runs ``python -m advtrain ARGS`` in a subprocess as a user would (W&B offline, one thread, this checkout on the
+    path) and returns ``(exit code, stderr + stdout)``. The timeout only guards the suite against a hang."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+                "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **(env or {})}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "advtrain", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    return done.returncode, done.stderr + done.stdout
