@@ -76,6 +76,18 @@ def test_unwritable_checkpoint_folder_stops_before_training(tmp_path):
     _one_line_refusal(code, out, "Cannot write to the checkpoint folder", "checkpoints/x (Not a directory)", "dirpath")
 
 
+def test_mismatched_mnist_files_are_named(tmp_path):
+    import numpy as np
+    from fake_datasets import _write_idx, write_fake_mnist
+
+    fake = write_fake_mnist(tmp_path / "data", n_train=40, n_test=8)
+    _write_idx(fake.folder / "train-labels-idx1-ubyte", fake.train_labels[:30].astype(np.uint8))  # another download
+    data = ["--data", "advtrain.data.MNISTDataModule", "--data.init_args.root", "data", "--data.init_args.download",
+            "false", "--data.init_args.num_workers", "0", "--data.init_args.val_size", "8"]  # fmt: skip
+    code, out = run_advtrain("fit", *TINY, *data, cwd=tmp_path)
+    _one_line_refusal(code, out, "MNIST training files in", "do not match: 40 images but 30 labels")
+
+
 def test_predict_is_not_offered(tmp_path):
     code, out = run_advtrain("predict", "--config", QUICKSTART, cwd=tmp_path)
     _one_line_refusal(code, out, "invalid choice: 'predict'", "evaluate")
