@@ -312,3 +312,29 @@ def test_every_third_party_import_is_a_declared_dependency():
     third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "advtrain"}
     assert third_party - names == set(), f"imported but not declared in pyproject.toml: {third_party - names}"
     assert "MIT License" in (ROOT / "LICENSE").read_text() and "advtrain contributors" in (ROOT / "LICENSE").read_text()
+
+
+def test_epoch_level_train_metrics_are_reduced_over_ranks(monkeypatch, tmp_path):
+    """Plain tensors logged per epoch are reduced over the DDP ranks (sync_dist); Metric objects reduce themselves."""
+    from torch.utils.data import DataLoader
+
+    from advtrain.cli import AdvTrainer
+    from advtrain.training import AdversarialTraining
+
+    logged = {}
+    real_log = AdversarialTraining.log
+
+    def recording_log(self, name, value, *args, **kwargs):
+        logged[name] = (isinstance(value, torch.Tensor), kwargs.get("sync_dist", False), kwargs.get("on_epoch"))
+        return real_log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(AdversarialTraining, "log", recording_log)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen),
+                         torch.arange(8))  # fmt: skip
+    module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8})
+    trainer = AdvTrainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    plain_epoch = {name: sync for name, (tensor, sync, epoch) in logged.items() if tensor and epoch}
+    assert plain_epoch and all(plain_epoch.values()), plain_epoch
