@@ -149,8 +149,20 @@ class AdvTrainer(pl.Trainer):
     """Lightning's Trainer with advtrain's ``evaluate`` subcommand and exact resume (a stateful training loader, RNG
     streams, running metrics and the W&B run id saved in checkpoints: :mod:`advtrain.training.resume`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Lightning annotates these ``float | int | None``: the CLI would parse ``--trainer.limit_val_batches 1`` (one
+        # batch) as the float 1.0, i.e. every batch. Declared int first, ``1`` stays one batch and ``0.5`` a fraction.
+        limits = {"limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
+                  "limit_test_batches": limit_test_batches, "limit_predict_batches": limit_predict_batches}  # fmt: skip
+        super().__init__(*args, **limits, **kwargs)
         from advtrain.training.resume import ExactResume, install_resumable_fit_loop
 
         install_resumable_fit_loop(self)
@@ -307,6 +319,48 @@ class AdvTrainer(pl.Trainer):
         )  # fmt: skip
         return data
 
+    def predict(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        output: str | None = None,
+        adversarial: bool = False,
+        overwrite: bool = False,
+    ) -> list[Any] | None:
+        """Lightning's ``predict`` on the test split, writing per-sample predictions to a CSV file: ``index``,
+        ``label``, ``pred`` (the predicted class), ``prob_0``... (softmax) and, with ``adversarial``, ``adv_pred``
+        (the prediction on the validation attack's adversarial input).
+
+        Args:
+            output: the CSV file (default: next to the checkpoint, ``<ckpt>-predictions.csv``; without a checkpoint
+                and without ``output`` nothing is written).
+            adversarial: also predict on the validation attack's adversarial inputs.
+            overwrite: replace an existing ``output`` file (without it, such a run is refused).
+
+        The other arguments are Lightning's.
+        """
+        if output is None and ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+            output = str(Path(ckpt_path).with_suffix("")) + "-predictions.csv"
+        if output is not None:
+            _check_output_file(Path(output), overwrite=overwrite)
+            if self.world_size > 1:
+                raise InvalidConfigError("predict writes its file from one process: run it with --trainer.devices 1.")
+        target = model if model is not None else self.lightning_module
+        if adversarial and not isinstance(target, AdversarialTraining):
+            raise InvalidConfigError("predict --adversarial true needs an advtrain model (AdversarialTraining).")
+        if isinstance(target, AdversarialTraining):
+            target.predict_adversarial = adversarial
+        keep = output is not None or return_predictions is None or return_predictions
+        batches = super().predict(model, dataloaders, datamodule, keep, ckpt_path, weights_only)
+        if output is not None and batches:
+            _write_predictions(batches, Path(output))
+            log.info("predict: %d predictions written to %s", sum(len(b["pred"]) for b in batches), output)
+        return batches if return_predictions is not False else None
+
     def _distributed_evaluate(self, **kwargs: Any) -> dict[str, Any]:
         """:meth:`evaluate` inside a rank started by Lightning's launcher, once the process group is up."""
         self.strategy.setup_environment()
@@ -365,6 +419,33 @@ def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None
         )
 
 
+def _check_output_file(output: Path, *, overwrite: bool) -> None:
+    """Refuses a ``predict --output`` that is a folder, or an existing file unless ``--overwrite true``."""
+    if output.is_dir():
+        raise InvalidConfigError(f"predict: --output {output} is a folder; give a file name, e.g. {output}/preds.csv.")
+    if output.exists() and not overwrite:
+        raise InvalidConfigError(
+            f"predict: {output} already exists; pass --overwrite true to replace it, or another --output."
+        )
+
+
+def _write_predictions(batches: list[dict[str, Any]], path: Path) -> None:
+    """Writes :meth:`AdversarialTraining.predict_step`'s outputs as one CSV row per sample."""
+    import csv
+
+    import torch
+
+    columns = {name: torch.cat([b[name].detach().cpu() for b in batches]) for name in batches[0]}
+    probs = columns.pop("probs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        names = [n for n in ("index", "label", "pred", "adv_pred") if n in columns]
+        writer.writerow([*names, *(f"prob_{k}" for k in range(probs.shape[1]))])
+        for i in range(probs.shape[0]):
+            writer.writerow([int(columns[n][i]) for n in names] + [f"{float(p):.6g}" for p in probs[i]])
+
+
 def _attack_name(attack: Attack, i: int) -> str:
     spec = getattr(attack, "spec", None)
     name = spec.name if spec else type(attack).__name__.lower()
@@ -406,9 +487,7 @@ class AdvTrainCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # Lightning's ``predict`` is left out: the module has no predict step and the datamodules no predict split.
-        lightning = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
-        return {**lightning, "evaluate": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "datamodule"}}
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
@@ -443,7 +522,7 @@ class AdvTrainCLI(LightningCLI):
                     log.info("W&B run saved offline in %s; upload it later with: wandb sync %s", run.dir,
                              Path(run.dir).parent)  # fmt: skip
 
-    after_fit = after_validate = after_test = _after
+    after_fit = after_validate = after_test = after_predict = _after
 
     def before_fit(self) -> None:
         """On resume (``--ckpt_path``), the W&B logger continues the checkpoint's run instead of starting a new one."""

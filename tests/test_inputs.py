@@ -23,8 +23,7 @@ QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
 SMOKE = str(ROOT / "configs" / "trainer" / "smoke.yaml")
 TINY = ["--config", QUICKSTART, "--config", SMOKE, "--model.maximizer.init_args.steps", "1",
         "--model.val_attack.init_args.steps", "1", "--data.init_args.batch_size", "8",
-        "--data.init_args.eval_batch_size", "8", "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        "--data.init_args.eval_batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
 
 def _one_line_refusal(code: int, out: str, *needles: str) -> None:
@@ -41,6 +40,14 @@ def test_abbreviated_key_is_refused_at_parse_time(tmp_path):
     code, out = run_advtrain("fit", *TINY, "--trainer.max_epoch", "3", cwd=tmp_path)
     _one_line_refusal(code, out, "unrecognized arguments: --trainer.max_epoch 3", "trainer.max_epochs")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_batch_count_of_one_stays_one_batch(tmp_path):
+    """Lightning annotates limit_*_batches ``float | int``: the CLI parsed ``1`` (one batch) as 1.0 (every batch)."""
+    code, out = run_advtrain("fit", "--config", QUICKSTART, "--trainer.limit_val_batches", "1",
+                             "--trainer.limit_train_batches", "0.5", "--print_config", cwd=tmp_path)  # fmt: skip
+    assert code == 0, out[-3000:]
+    assert "  limit_val_batches: 1\n" in out and "  limit_train_batches: 0.5\n" in out
 
 
 def test_linf_budget_above_one_is_refused(tmp_path):
@@ -86,11 +93,6 @@ def test_mismatched_mnist_files_are_named(tmp_path):
             "false", "--data.init_args.num_workers", "0", "--data.init_args.val_size", "8"]  # fmt: skip
     code, out = run_advtrain("fit", *TINY, *data, cwd=tmp_path)
     _one_line_refusal(code, out, "MNIST training files in", "do not match: 40 images but 30 labels")
-
-
-def test_predict_is_not_offered(tmp_path):
-    code, out = run_advtrain("predict", "--config", QUICKSTART, cwd=tmp_path)
-    _one_line_refusal(code, out, "invalid choice: 'predict'", "evaluate")
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate
@@ -161,6 +163,26 @@ def test_evaluate_does_not_overwrite_a_report_unless_told(checkpoint, tmp_path):
     code, out = _evaluate(checkpoint, "--output", "report", "--overwrite", "true", cwd=tmp_path)
     assert code == 0, out[-3000:]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["samples"] == 8
+
+
+def test_predict_writes_per_sample_predictions_next_to_the_checkpoint(checkpoint, tmp_path):
+    import csv
+    import shutil
+
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(checkpoint, ckpt)
+    (tmp_path / "one_batch.yaml").write_text("trainer:\n  limit_predict_batches: 1\n")
+    args = ["predict", *TINY, "--config", "one_batch.yaml", "--ckpt_path", str(ckpt)]
+    code, out = run_advtrain(*args, "--adversarial", "true", cwd=tmp_path)
+    assert code == 0, out[-3000:]
+    rows = list(csv.DictReader((tmp_path / "model-predictions.csv").open()))
+    assert [int(r["index"]) for r in rows] == list(range(8))  # one batch of the test split, in order
+    assert list(rows[0])[:4] == ["index", "label", "pred", "adv_pred"] and len(rows[0]) == 4 + 10
+    for row in rows:
+        probs = [float(row[f"prob_{k}"]) for k in range(10)]
+        assert abs(sum(probs) - 1) < 1e-4 and int(row["pred"]) == max(range(10), key=probs.__getitem__)
+    code, out = run_advtrain(*args, cwd=tmp_path)  # the file is kept
+    _one_line_refusal(code, out, "model-predictions.csv already exists", "--overwrite true")
 
 
 # --------------------------------------------------------------------------------------------------- Python API

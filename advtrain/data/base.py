@@ -367,6 +367,15 @@ class AdvDataModule(pl.LightningDataModule):
         dataset = self._require(self.test_dataset, "test_dataloader", "test")
         return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """Returns the test loader, for ``predict`` (per-sample predictions on the test split).
+
+        Returns:
+            DataLoader yielding ``(x, y, index)`` batches in split order.
+        """
+        dataset = self._require(self.test_dataset, "predict_dataloader", "predict")
+        return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
+
     def _require(self, dataset: IndexedSubset | None, caller: str, stage: str) -> IndexedSubset:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.{caller}() needs setup({stage!r}) to be called first")

@@ -149,6 +149,9 @@ class AdversarialTraining(pl.LightningModule):
         self.test_clean_acc = MulticlassAccuracy(**acc)
         self.test_robust_acc = MulticlassAccuracy(**acc)
 
+    #: ``predict`` also predicts on the validation attack's adversarial inputs (``predict --adversarial true``).
+    predict_adversarial: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
@@ -305,6 +308,25 @@ class AdversarialTraining(pl.LightningModule):
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_clean_acc, self.test_robust_acc, "test")
+
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-sample predictions: ``index`` (position in the split; -1 for batches without one), ``label``,
+        ``pred`` (the predicted class), ``probs`` (softmax) and, with :attr:`predict_adversarial`, ``adv_pred``: the
+        prediction on the validation attack's adversarial input (re-checked with a fresh forward pass)."""
+        x, y, index = _unpack(batch)
+        self._check_unless_checked_on_host(x, y)
+        with torch.no_grad():
+            probs = self.model(x).float().softmax(dim=1)
+        out = {"index": index if index is not None else torch.full_like(y, -1), "label": y, "pred": probs.argmax(1),
+               "probs": probs}  # fmt: skip
+        if self.predict_adversarial:
+            if self.val_attack is None:
+                raise InvalidConfigError("predict --adversarial true needs model.val_attack; the model has none.")
+            with torch.enable_grad():
+                result = self.val_attack(self.model, x, y)
+            with torch.no_grad(), attack_context(self.model, "eval"):
+                out["adv_pred"] = self.model(result.adv).argmax(1)
+        return out
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
