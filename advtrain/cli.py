@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import yaml
@@ -29,9 +29,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from advtrain.attacks.base import Attack
 from advtrain.data.base import AdvDataModule
+from advtrain.engine.tracking import autocast_dtype
 from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
 from advtrain.runtime import tune_cpu_allocator
+from advtrain.threat.norms import Norm
 from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
@@ -86,9 +88,19 @@ def _subclass_names(base: type) -> list[str]:
 
 class AdvArgumentParser(LightningArgumentParser):
     """Adds what a user needs to fix a bad config: close matches for a misspelled key, the known classes for an
-    unknown component name."""
+    unknown component name. Abbreviated keys are refused (``allow_abbrev=False``): argparse's prefix matching would
+    take ``--trainer.max_epoch`` as ``--trainer.max_epochs`` and a misspelled key would pass silently."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    #: The command line being parsed (set by :func:`build_cli`), to name the ``--config`` file of a YAML error.
+    cli_args: ClassVar[list[str]] = []
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if "<unicode string>" in message:
+            message = message.replace('"<unicode string>"', _broken_config_file(self.cli_args))
         return super().error(message + self._hint(message), ex)
 
     def _hint(self, message: str) -> str:
@@ -120,12 +132,41 @@ class AdvArgumentParser(LightningArgumentParser):
         return ""
 
 
+def _broken_config_file(args: list[str]) -> str:
+    """The first ``--config`` file of ``args`` that is not valid YAML (quoted), for jsonargparse's YAML errors, which
+    name only ``<unicode string>``."""
+    import yaml
+
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    files += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    for name in files:
+        path = Path(name)
+        if path.is_file():
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return f'"{path}"'
+    return '"<unicode string>"'
+
+
 class AdvTrainer(pl.Trainer):
     """Lightning's Trainer with advtrain's ``evaluate`` subcommand and exact resume (a stateful training loader, RNG
     streams, running metrics and the W&B run id saved in checkpoints: :mod:`advtrain.training.resume`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Lightning annotates these ``float | int | None``: the CLI would parse ``--trainer.limit_val_batches 1`` (one
+        # batch) as the float 1.0, i.e. every batch. Declared int first, ``1`` stays one batch and ``0.5`` a fraction.
+        limits = {"limit_train_batches": limit_train_batches, "limit_val_batches": limit_val_batches,
+                  "limit_test_batches": limit_test_batches, "limit_predict_batches": limit_predict_batches}  # fmt: skip
+        super().__init__(*args, **limits, **kwargs)
         from advtrain.training.resume import ExactResume, install_resumable_fit_loop
 
         install_resumable_fit_loop(self)
@@ -166,6 +207,7 @@ class AdvTrainer(pl.Trainer):
         seed: int = 0,
         resume: bool = False,
         plots: bool = True,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
         attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
@@ -203,6 +245,10 @@ class AdvTrainer(pl.Trainer):
             seed: seed of the suite's stochastic attacks.
             resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
             plots: write the PNG plots.
+            overwrite: replace the report an earlier run left in ``output`` (without it, such a run is refused).
+
+        The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
+        ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
         """
         import torch.distributed as dist
 
@@ -220,6 +266,13 @@ class AdvTrainer(pl.Trainer):
         model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
         # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
         base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
+        if norm is not None and eps is None and getattr(base, "eps", None) is not None and not attacks:
+            base_norm = getattr(getattr(base, "norm", None), "value", getattr(base, "norm", None))
+            if Norm.parse(norm) is not Norm.parse(base_norm):
+                raise InvalidConfigError(
+                    f"evaluate: --norm {norm} differs from the checkpoint's validation attack ({base_norm}, "
+                    f"eps={base.eps:.4g}), whose ε does not carry over to another norm: pass --eps for {norm}."
+                )
         norm = norm or getattr(base, "norm", None)
         eps = eps if eps is not None else getattr(base, "eps", None)
         named = {_attack_name(a, i): a for i, a in enumerate(attacks or [])} or None
@@ -237,12 +290,15 @@ class AdvTrainer(pl.Trainer):
             from advtrain.evaluation import build_suite
 
             entries = build_suite(suite, norm=norm, eps=eps, seed=seed, overrides=overrides)
+        _use_trainer_precision(self.precision, [*(named or {}).values(), *(e.attack for e in entries or [])])
+        progress = progress and self.progress_bar_callback is not None
+        if output is None:
+            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
+        _check_output_folder(Path(output), overwrite=overwrite, resume=resume)
         datamodule.prepare_data()
         datamodule.setup("test" if split == "test" else "validate")
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         device = _device(self)
-        if output is None:
-            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
         meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device),
                 "suite": suite}  # fmt: skip
         report = evaluate_robustness(
@@ -255,18 +311,61 @@ class AdvTrainer(pl.Trainer):
         if not self.is_global_zero:
             return data
         folder = write_report(report, output, meta, plots=plots)
-        for logger in self.loggers:
+        for logger in self.loggers:  # every configured logger (W&B, CSV, TensorBoard, ...)
+            logger.log_metrics(report.scalars(), step=0)
             if isinstance(logger, WandbLogger):
                 from advtrain.callbacks.robust import log_report_to_wandb
 
-                logger.log_metrics(report.scalars(), step=0)
                 log_report_to_wandb(logger, report)
+            logger.save()
         log.info(
             "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
             100 * data["clean_accuracy"], 100 * data["robust_accuracy_all"], data["samples"], data["wall_time_s"],
             folder,
         )  # fmt: skip
         return data
+
+    def predict(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        output: str | None = None,
+        adversarial: bool = False,
+        overwrite: bool = False,
+    ) -> list[Any] | None:
+        """Lightning's ``predict`` on the test split, writing per-sample predictions to a CSV file: ``index``,
+        ``label``, ``pred`` (the predicted class), ``prob_0``... (softmax) and, with ``adversarial``, ``adv_pred``
+        (the prediction on the validation attack's adversarial input).
+
+        Args:
+            output: the CSV file (default: next to the checkpoint, ``<ckpt>-predictions.csv``; without a checkpoint
+                and without ``output`` nothing is written).
+            adversarial: also predict on the validation attack's adversarial inputs.
+            overwrite: replace an existing ``output`` file (without it, such a run is refused).
+
+        The other arguments are Lightning's.
+        """
+        if output is None and ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+            output = str(Path(ckpt_path).with_suffix("")) + "-predictions.csv"
+        if output is not None:
+            _check_output_file(Path(output), overwrite=overwrite)
+            if self.world_size > 1:
+                raise InvalidConfigError("predict writes its file from one process: run it with --trainer.devices 1.")
+        target = model if model is not None else self.lightning_module
+        if adversarial and not isinstance(target, AdversarialTraining):
+            raise InvalidConfigError("predict --adversarial true needs an advtrain model (AdversarialTraining).")
+        if isinstance(target, AdversarialTraining):
+            target.predict_adversarial = adversarial
+        keep = output is not None or return_predictions is None or return_predictions
+        batches = super().predict(model, dataloaders, datamodule, keep, ckpt_path, weights_only)
+        if output is not None and batches:
+            _write_predictions(batches, Path(output))
+            log.info("predict: %d predictions written to %s", sum(len(b["pred"]) for b in batches), output)
+        return batches if return_predictions is not False else None
 
     def _distributed_evaluate(self, **kwargs: Any) -> dict[str, Any]:
         """:meth:`evaluate` inside a rank started by Lightning's launcher, once the process group is up."""
@@ -291,10 +390,66 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
         classifier = _build_model(arch, arch_kwargs or {}, *facts)
     else:
         classifier = model.model
-    _load_classifier_weights(classifier, ckpt_path, ckpt)  # unwraps state_dict/model, model. and module. prefixes
+    what = f"--arch {arch}" if arch is not None else "model.arch (the config's)"
+    _load_classifier_weights(classifier, ckpt_path, what, ckpt)  # unwraps state_dict/model, model. and module.
     if arch is None:
         return model
     return classifier.eval()
+
+
+_AUTOCAST_OF_PRECISION = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
+
+
+def _use_trainer_precision(precision: str, attacks: list[Attack]) -> None:
+    """``--trainer.precision`` for ``evaluate``: mixed precision runs every attack (that has no autocast of its own)
+    under autocast; the verification forward stays in float32."""
+    autocast = _AUTOCAST_OF_PRECISION.get(str(precision))
+    if autocast is None:
+        if str(precision) not in ("32-true", "32", "64-true", "64"):
+            log.warning("evaluate: --trainer.precision %s is not applied (only bf16-mixed and 16-mixed are: attacks "
+                        "under autocast); evaluating in float32.", precision)  # fmt: skip
+        return
+    for attack in attacks:
+        if getattr(attack, "autocast", "n/a") is None:
+            attack.autocast, attack._autocast = autocast, autocast_dtype(autocast)
+
+
+def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuses an ``--output`` that is a file, or that holds an earlier report (unless ``--overwrite true`` or
+    ``--resume true``), before any attack runs."""
+    if output.exists() and not output.is_dir():
+        raise InvalidConfigError(f"evaluate: --output {output} is a file; give a folder for the report.")
+    if (output / "report.json").is_file() and not (overwrite or resume):
+        raise InvalidConfigError(
+            f"evaluate: {output} already holds a report; pass --overwrite true to replace it, or another --output."
+        )
+
+
+def _check_output_file(output: Path, *, overwrite: bool) -> None:
+    """Refuses a ``predict --output`` that is a folder, or an existing file unless ``--overwrite true``."""
+    if output.is_dir():
+        raise InvalidConfigError(f"predict: --output {output} is a folder; give a file name, e.g. {output}/preds.csv.")
+    if output.exists() and not overwrite:
+        raise InvalidConfigError(
+            f"predict: {output} already exists; pass --overwrite true to replace it, or another --output."
+        )
+
+
+def _write_predictions(batches: list[dict[str, Any]], path: Path) -> None:
+    """Writes :meth:`AdversarialTraining.predict_step`'s outputs as one CSV row per sample."""
+    import csv
+
+    import torch
+
+    columns = {name: torch.cat([b[name].detach().cpu() for b in batches]) for name in batches[0]}
+    probs = columns.pop("probs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        names = [n for n in ("index", "label", "pred", "adv_pred") if n in columns]
+        writer.writerow([*names, *(f"prob_{k}" for k in range(probs.shape[1]))])
+        for i in range(probs.shape[0]):
+            writer.writerow([int(columns[n][i]) for n in names] + [f"{float(p):.6g}" for p in probs[i]])
 
 
 def _attack_name(attack: Attack, i: int) -> str:
@@ -320,8 +475,14 @@ class AdvSaveConfig(SaveConfigCallback):
         if stage == "fit":  # the run folder is a fit's: validate/test/evaluate must not overwrite its config.yaml
             ckpt = trainer.checkpoint_callback
             folder = Path(getattr(ckpt, "dirpath", None) or trainer.default_root_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.yaml").write_text(text)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "config.yaml").write_text(text)
+            except OSError as err:  # a read-only or full checkpoints folder: stop before training, in one line
+                raise InvalidConfigError(
+                    f"Cannot write to the checkpoint folder {folder} ({os.strerror(err.errno) if err.errno else err}): "
+                    "make it writable, or point the ModelCheckpoint dirpath (or --run_name) elsewhere."
+                ) from None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
@@ -365,7 +526,7 @@ class AdvTrainCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             if os.environ.get("ADVTRAIN_DEBUG"):
                 raise
-            raise InvalidConfigError(f"The configuration could not be instantiated: {err}") from err
+            raise InvalidConfigError(f"The configuration could not be instantiated: {_one_line(err)}") from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="advtrain-${stamp:}",
@@ -452,7 +613,7 @@ class AdvTrainCLI(LightningCLI):
                     log.info("W&B run saved offline in %s; upload it later with: wandb sync %s", run.dir,
                              Path(run.dir).parent)  # fmt: skip
 
-    after_fit = after_validate = after_test = _after
+    after_fit = after_validate = after_test = after_predict = _after
 
     def before_fit(self) -> None:
         """On resume (``--ckpt_path``), the W&B logger continues the checkpoint's run instead of starting a new one."""
@@ -464,6 +625,17 @@ class AdvTrainCLI(LightningCLI):
         resume_wandb_run(self.trainer, ckpt_path)  # the file itself: _parse_ckpt_path resolved "last"
 
 
+def _one_line(err: Exception) -> str:
+    """A jsonargparse instantiation error in one line: a class that failed inside a Union (``maximizer: PGD | None``)
+    is reported as the class and its own message, without the alternatives that were also tried."""
+    text = str(err)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    reasons = [line[4:] for line in text.splitlines() if line.startswith("  - ") and "Expected a <class" not in line]
+    cls = re.search(r"class_path='([\w.]+)'", text)
+    return f"{cls.group(1) if cls else 'a component'}: {'; '.join(reasons) or text.splitlines()[0]}"
+
+
 _WANDB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -472,9 +644,9 @@ def _configure_wandb() -> None:
     offline with a warning instead of blocking about 2 minutes in ``wandb.init``."""
     if os.environ.get("WANDB_MODE"):
         return
-    netrc = Path.home() / ".netrc"
-    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-        unreachable = _wandb_unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if os.environ.get("WANDB_API_KEY") or _netrc_has_key(base_url):
+        unreachable = _wandb_unreachable(base_url)
         if unreachable:
             os.environ["WANDB_MODE"] = "offline"
             log.warning("W&B API key found, but %s; logging to W&B offline (WANDB_MODE=offline). Upload the run "
@@ -482,6 +654,22 @@ def _configure_wandb() -> None:
         return
     os.environ["WANDB_MODE"] = "offline"
     log.info("No W&B API key found: logging to W&B in offline mode (WANDB_MODE=offline).")
+
+
+def _netrc_has_key(base_url: str) -> bool:
+    """Whether the netrc file (``$NETRC``, else ``~/.netrc``, as ``wandb login`` writes it) holds a login for the
+    W&B server's host (``api.wandb.ai`` or a self-hosted ``WANDB_BASE_URL``)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    host = urlparse(base_url if "://" in base_url else f"https://{base_url}").hostname or base_url
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return host in path.read_text(errors="ignore")
 
 
 def _wandb_unreachable(base_url: str, timeout: float = _WANDB_PROBE_TIMEOUT_S) -> str | None:
@@ -508,6 +696,7 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI
     """Builds (and with ``run`` runs) the CLI; ``run=False`` parses a config without a subcommand and instantiates
     the trainer, model and data, as the tests of every recipe do."""
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    AdvArgumentParser.cli_args = list(sys.argv[1:] if args is None else args)
     kwargs = {"default_config_files": [str(DEFAULTS)], "parser_mode": "omegaconf+"}
     parser_kwargs = {name: dict(kwargs) for name in AdvTrainCLI.subcommands()} if run else kwargs
     return AdvTrainCLI(
@@ -523,6 +712,12 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> AdvTrainCLI
         args=args,
         run=run,
     )
+
+
+def _subcommand(args: list[str] | None) -> str:
+    """The subcommand of a command line (``fit``, ``evaluate``, ...), or ``""``."""
+    words = sys.argv[1:] if args is None else args
+    return next((w for w in words if w in AdvTrainCLI.subcommands()), "")
 
 
 def main(args: list[str] | None = None) -> AdvTrainCLI:
@@ -544,8 +739,16 @@ def main(args: list[str] | None = None) -> AdvTrainCLI:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls, not actionable
     # The resolved config.yaml is written into the checkpoint folder before ModelCheckpoint looks at it.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return build_cli(args)
     except UserError as err:
         log.error("%s", err)
+        raise SystemExit(2) from None
+    except OmegaConfBaseException as err:  # raised by jsonargparse's omegaconf+ mode past its own error handling
+        key = getattr(err, "full_key", None)
+        where = f" in {key.removeprefix(f'{_subcommand(args)}.')}" if key else ""
+        log.error("Config error%s: %s. Fix the ${...} reference or define the key it names.", where,
+                  str(err).splitlines()[0])  # fmt: skip
         raise SystemExit(2) from None

@@ -84,15 +84,41 @@ def never_fooled_binary(in_features: int = 64):
     return model, x, torch.zeros(5, dtype=torch.long)
 
 
+class Float64Compute(nn.Module):
+    """Runs ``model`` in float64 on float32 inputs and returns float32 logits.
+
+    For tests comparing two evaluation orders of the same computation (a batched attack against a one-sample
+    reference, a fused call against separate calls): in float32 the batch size changes the kernels' summation order,
+    so gradients differ by ~1e-7 relative, which an L∞ sign step on a near-zero component, or a ReLU at its kink,
+    turns into a visible difference. In float64 that noise is ~1e-16 and vanishes when the logits and the input
+    gradient are rounded to float32 (it survives only where a value straddles a float32 rounding boundary), so both
+    orders see the same float32 numbers and the comparison can be exact to float32 rounding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.double()).float()
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_advtrain(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_advtrain(
+    *args: object, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """``python -m advtrain ARGS`` as a user runs it, in a subprocess in ``cwd``: this checkout's advtrain (and the
     tests' modules, for test callbacks named in configs), one thread, W&B offline under ``cwd``; ``env`` adds to or
     replaces variables. Returns the finished process (``returncode``, ``stdout``, ``stderr``)."""
     full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1",
-            "WANDB_MODE": "offline", "WANDB_DIR": str(cwd), **(env or {})}  # fmt: skip
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(cwd), **(env or {})}  # fmt: skip
     # The timeout only guards the test suite against a hang; no test asserts on time.
     command = [sys.executable, "-m", "advtrain", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: object, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> tuple[int, str]:
+    """:func:`run_advtrain`, returning ``(exit code, stderr + stdout)``."""
+    done = run_advtrain(*args, cwd=cwd, env=env, timeout=timeout)
+    return done.returncode, done.stderr + done.stdout

@@ -10,7 +10,7 @@ import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import Float64Compute, LinearNet, TinyCNN
 
 from advtrain.attacks.cw import CarliniWagnerL2
 
@@ -209,7 +209,10 @@ def _adv_lib_check(model, x, y, **budget):
 
 def test_matches_adv_lib_on_small_cnn():
     torch.manual_seed(0)
-    model = TinyCNN().eval()
+    # In float64 (Float64Compute) both implementations see the same float32 gradients at the same point: with a
+    # float32 model, their different batch orders' ~1e-7 noise moved one sample's binary search to another constant
+    # on torch 2.14 (its norm 2.9% off), a difference of arithmetic, not of algorithm.
+    model = Float64Compute(TinyCNN().eval())
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(16, 1, 8, 8, generator=gen)
     with torch.no_grad():

@@ -147,7 +147,7 @@ def test_constructor_is_cli_friendly(key: str) -> None:
         "eval_batch_size": None,
         "num_workers": 0 if key == "mnist5k" else 2,
         "val_size": 500 if key == "mnist5k" else 1000,
-        "seed": 0,
+        "seed": None,  # None: the run's seed_everything (PL_GLOBAL_SEED), else 0
         "download": True,
         "augment": True,
         "pin_memory": None,  # None: pinned when the trainer runs on CUDA (tests/test_host_syncs.py)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyCNN
+from helpers import Float64Compute, TinyCNN
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -280,6 +280,9 @@ def test_fused_apgd_call_equals_the_separate_calls(norm, eps, targeted):
     """Each segment of a fused call ends exactly as its own call: own loss, own seeded random starts, restarts, per
     row ε; its per-row passes add up to its own call's passes, in fewer model calls. An empty segment is allowed."""
     model, x, _ = _problem(12)
+    # In float64 (Float64Compute) the fused batch's other summation order stays below float32 rounding: in float32 a
+    # ReLU at its kink turned it into differences of 1.6e-4 (L2, torch 2.14), so the exact comparison needs float64.
+    model = Float64Compute(model)
     with torch.no_grad():
         y = model(x).argmax(1)
     y = (y + 1) % 10 if targeted else y
@@ -293,7 +296,7 @@ def test_fused_apgd_call_equals_the_separate_calls(norm, eps, targeted):
     counting = Counting(model)
     fused = ce.call_fused(counting, cat(x), cat(y), eps=cat(budget),
                           segments=[(attack, rows.stop - rows.start) for attack, rows in parts])  # fmt: skip
-    torch.testing.assert_close(fused.adv, torch.cat([r.adv for r in separate]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(fused.adv, torch.cat([r.adv for r in separate]), atol=1e-6, rtol=0)
     assert torch.equal(fused.success, torch.cat([r.success for r in separate]))
     offset = 0
     for result in separate:

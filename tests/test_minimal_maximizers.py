@@ -85,7 +85,7 @@ def test_trust_region_reports_its_last_iterate_and_the_first_fooling_point():
 
 
 def test_ddn_trains_a_never_fooled_sample_clean():
-    """METHODS.md §2 (the official DDN training): a sample DDN never fools comes back unchanged, whatever its last
+    """The official DDN training: a sample DDN never fools comes back unchanged, whatever its last
     iterate. The bias keeps class 0 ahead everywhere in the box."""
     model = LinearNet(64, 2, seed=3)
     with torch.no_grad():

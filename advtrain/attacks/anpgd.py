@@ -2,7 +2,7 @@
 
 Reference:
     Ding, Sharma, Lui & Huang, *MMA Training: Direct Input Space Margin Maximization through Adversarial
-    Training*, ICLR 2020 (Algorithm 1; seed 003, METHODS.md §5).
+    Training*, ICLR 2020 (Algorithm 1; seed 003).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ANPGD(Attack):
       be adversarial, which the attack contract (success = fooled) cannot accept.
     * The returned point is the smallest evaluated point that fools; the official code returns the last midpoint,
       which may be on the correct side.
-    * u = δ₁/‖δ₁‖ as in Algorithm 1, so η is the perturbation's norm; the official code (and METHODS.md §5)
+    * u = δ₁/‖δ₁‖ as in Algorithm 1, so η is the perturbation's norm; the official code
       divides by ε_init instead, which is the same whenever PGD ends on the sphere (always for L∞ in practice),
       and makes the bracket's η differ from the norm when it does not.
     * Every forward runs in the attack's ``mode`` (eval by default) and points are clipped to [0, 1]; the official

@@ -13,7 +13,7 @@ from advtrain.engine.core import AttackCore
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import autocast_dtype
-from advtrain.threat.norms import as_eps_tensor
+from advtrain.threat.norms import as_eps_tensor, checks_budget_arguments
 
 
 class Attack(ABC):
@@ -39,6 +39,10 @@ class Attack(ABC):
     #: run, because :class:`~advtrain.training.AdversarialTraining` has already checked the batch on the host (each
     #: check reads values back from the device: a host sync per step). Leave it on for unchecked batches.
     checks: bool = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        checks_budget_arguments(cls)  # eps: a number, >= 0, <= 1 for L∞, parsed once in the constructor
 
     def __init__(
         self, *, mode: str = "eval", seed: int | None = None, autocast: str | None = None, compile: bool = False

@@ -2,7 +2,7 @@
 
 Reference:
     Rony, Hafemann, Oliveira, Ben Ayed, Sabourin and Granger, *Decoupling Direction and Norm for Efficient
-    Gradient-Based L2 Adversarial Attacks and Defenses*, CVPR 2019 (seed 001, Algorithm 1; METHODS.md §2).
+    Gradient-Based L2 Adversarial Attacks and Defenses*, CVPR 2019 (seed 001, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class DDN(Attack):
     renormalises the attack's output into the ε-ball, ``δ ← δ·min(1, ε/‖δ‖₂)`` (only ever shrinking it). The
     returned point is that projection; ``success`` is then true only where the projected point still fools the
     model, which costs one extra forward pass for the samples whose best δ was longer than ε. Samples never fooled
-    still come back unchanged (they train clean, as in the reference training code). Note the consequence
-    (METHODS.md §2): inside the ball DDN returns the minimum-norm point near the boundary, not the max-loss one.
+    still come back unchanged (they train clean, as in the reference training code). Note the consequence:
+    inside the ball DDN returns the minimum-norm point near the boundary, not the max-loss one.
 
     **Bias.** The direction is the cross-entropy gradient, which mixes every class's direction, not the margin
     of the closest class: on a random 10-class linear model DDN-100 (no quantisation) lands 12.5% above the exact

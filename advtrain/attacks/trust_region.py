@@ -2,7 +2,7 @@
 
 Reference:
     Yao, Gholami, Xu, Keutzer and Mahoney, *Trust Region Based Adversarial Attack on Neural Networks*, CVPR 2019
-    (seed 000: Algorithm 1, Sec. 3, Sec. 4.1 index selection, Sec. 4.4 second order; METHODS.md §3).
+    (seed 000: Algorithm 1, Sec. 3, Sec. 4.1 index selection, Sec. 4.4 second order).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from advtrain.threat.norms import clip_to_box, flat_norm, view_as_batch
 
 _PAPER = "Yao et al., Trust Region Based Adversarial Attack on Neural Networks, CVPR 2019"
 _TINY = 1e-12
-# Adaptive-radius bounds of the reference code (METHODS.md §3), per norm.
+# Adaptive-radius bounds of the reference code, per norm.
 # The reference overshoot: a step of length 1.02·(ℓ + 1e-4) where the model says ℓ reaches the boundary.
 _OVERSHOOT, _OVERSHOOT_ADD = 1.02, 1e-4
 
@@ -277,7 +277,7 @@ class TrustRegion(Attack):
 
     * ``order=1``: per = −φ/‖∇φ‖_q is the linearised distance to the boundary; the step has length
       1.02·(min(per, r) + 1e-4) along sign ∇φ (L∞) or ∇φ/‖∇φ‖₂ (L2), then x is clipped to the box (the reference
-      rule, METHODS.md §3).
+      rule).
     * ``order=2`` (Sec. 3): the quadratic model q(s) = φ + ⟨∇φ, s⟩ + ½⟨s, Hs⟩ with Hessian-vector products (double
       backward) is solved inside the region of radius r for its minimal-norm boundary crossing, then lengthened
       by the same overshoot 1.02·(‖s‖ + 1e-4). L2: in the Krylov subspace of ``krylov_dim`` Lanczos vectors
@@ -320,8 +320,8 @@ class TrustRegion(Attack):
       time; with the adaptive radius (r ≤ 0.05) curvature does not matter and order 2 gains nothing.
     * ``eps`` (minimal-norm contract): the found δ is projected onto the ε-ball (L∞: clamped to [−ε, ε]; L2:
       rescaled), and ``success`` holds only where the projected point still fools the model (one verification
-      forward for the samples that moved). This is the projection advtrain's TR-L∞ training maximizer uses
-      (METHODS.md §3). Samples never fooled come back unchanged.
+      forward for the samples that moved). This is the projection advtrain's TR-L∞ training maximizer uses.
+      Samples never fooled come back unchanged.
     * Untargeted only, as in the paper (the target class is chosen by index selection).
 
     ``result.extra["last_iterate"]`` holds every sample's last iterate (its first fooling point where it was fooled),
@@ -471,7 +471,7 @@ class TrustRegion(Attack):
             else core.result(best, success, geometry.measure)
         )
         # extra["last_iterate"]: every sample's last iterate (its first fooling point where it was fooled), in the box,
-        # before any ε projection. advtrain.maximizers.TRLinf trains the samples left unfooled on it (METHODS.md §3).
+        # before any ε projection. advtrain.maximizers.TRLinf trains the samples left unfooled on it.
         last = best.clone()
         if len(active) > 0:
             last[active.index] = (active["x"] + active["delta"]).clamp(0.0, 1.0)

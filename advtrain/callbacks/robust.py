@@ -184,7 +184,6 @@ def log_report_to_wandb(logger: WandbLogger, report: RobustnessReport, prefix: s
         prefix: key prefix.
         step: the step to log at (``trainer.global_step``).
     """
-    import matplotlib.pyplot as plt
     import wandb
 
     rows = [
@@ -203,7 +202,6 @@ def log_report_to_wandb(logger: WandbLogger, report: RobustnessReport, prefix: s
             "trainer/global_step": step,
         }
     )
-    plt.close(fig)
 
 
 __all__ = ["RobustEvaluation", "log_report_to_wandb"]

@@ -9,15 +9,17 @@ the epoch, the shuffling or the worker that loaded it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from advtrain.errors import InvalidConfigError, UserError
+from advtrain.errors import InvalidConfigError, InvalidInputError, UserError
 
 __all__ = [
     "AdvDataModule",
@@ -83,7 +85,32 @@ class IndexedSubset(Dataset):
             ``(image, label, index)``; the default collate turns the two ints into int64 tensors.
         """
         image, label = self.dataset[int(self.indices[index])]
-        return image, int(label), int(index)
+        return image, _class_index(label, self.dataset, int(self.indices[index])), int(index)
+
+
+def _class_index(label: Any, dataset: Dataset, position: int) -> int:
+    """A sample's label as an int, refusing what ``int()`` would silently truncate (2.7 -> 2) or misread."""
+    if isinstance(label, torch.Tensor):
+        if label.numel() != 1 or torch.is_floating_point(label) or label.dtype == torch.bool:
+            raise InvalidInputError(_label_message(label, dataset, position))
+        return int(label)
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        raise InvalidInputError(_label_message(label, dataset, position))
+    return int(label)
+
+
+def _label_message(label: Any, dataset: Dataset, position: int) -> str:
+    return (
+        f"{type(dataset).__name__}[{position}] has label {label!r} ({type(label).__name__}): labels must be integer "
+        "class indices (0, 1, ..., num_classes - 1). Convert them in the dataset (e.g. int(round(y)) if they are "
+        "whole numbers stored as floats)."
+    )
+
+
+def _run_seed() -> int:
+    """The seed ``seed_everything`` set for this run (Lightning exports it as ``PL_GLOBAL_SEED``), else 0."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None and value.lstrip("-").isdigit() else 0
 
 
 def seeded_split(
@@ -190,7 +217,8 @@ class AdvDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (kept alive across epochs, ``persistent_workers``).
         val_size: Number of training samples held out (with a seeded permutation) for validation. With 0 there is
             no validation split and ``val_dataloader`` serves the test set.
-        seed: Seed of the train/validation split and of the training loader's shuffling.
+        seed: Seed of the train/validation split and of the training loader's shuffling. Default: the seed of
+            ``seed_everything`` (the CLI's ``--seed_everything``, read from ``PL_GLOBAL_SEED``), else 0.
         download: Whether ``prepare_data`` may download missing files.
         augment: Whether to augment training images (datasets without augmentations ignore it).
         pin_memory: Whether the DataLoaders put batches in page-locked memory. ``None`` (default): when the trainer
@@ -214,7 +242,7 @@ class AdvDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         val_size: int = 1000,
-        seed: int = 0,
+        seed: int | None = None,
         download: bool = True,
         augment: bool = True,
         pin_memory: bool | None = None,
@@ -236,7 +264,7 @@ class AdvDataModule(pl.LightningDataModule):
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.val_size = val_size
-        self.seed = seed
+        self.seed = _run_seed() if seed is None else seed
         self.download = download
         self.augment = augment
         self.pin_memory = pin_memory
@@ -337,6 +365,15 @@ class AdvDataModule(pl.LightningDataModule):
             DataLoader yielding ``(x, y, index)`` batches in split order.
         """
         dataset = self._require(self.test_dataset, "test_dataloader", "test")
+        return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Returns the test loader, for ``predict`` (per-sample predictions on the test split).
+
+        Returns:
+            DataLoader yielding ``(x, y, index)`` batches in split order.
+        """
+        dataset = self._require(self.test_dataset, "predict_dataloader", "predict")
         return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
     def _require(self, dataset: IndexedSubset | None, caller: str, stage: str) -> IndexedSubset:

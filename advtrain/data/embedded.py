@@ -102,7 +102,8 @@ class MNIST5kDataModule(AdvDataModule):
         num_workers: DataLoader worker processes; 0 because the data is already in memory.
         val_size: Number of digits in the validation split; 0 makes ``val_dataloader`` serve the test split.
         test_size: Number of digits in the test split.
-        seed: Seed of the validation split and of the training loader's shuffling.
+        seed: Seed of the validation split and of the training loader's shuffling (default: the run's
+            ``seed_everything``, else 0).
         download: Ignored.
         augment: Ignored (no augmentation for digits here).
         pin_memory: Page-locked batches; ``None``: when the trainer runs on CUDA (see :class:`AdvDataModule`).
@@ -124,7 +125,7 @@ class MNIST5kDataModule(AdvDataModule):
         num_workers: int = 0,
         val_size: int = 500,
         test_size: int = 500,
-        seed: int = 0,
+        seed: int | None = None,
         download: bool = True,
         augment: bool = True,
         pin_memory: bool | None = None,

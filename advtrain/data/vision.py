@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from torch.utils.data import Dataset
 
 from advtrain.data.base import AdvDataModule, DatasetNotFoundError
+from advtrain.errors import InvalidInputError
 
 __all__ = ["TorchvisionDataModule"]
 
@@ -37,6 +38,18 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
     finally:
         if previous is None:
             socket.setdefaulttimeout(None)
+
+
+def _check_images_match_labels(dataset: Dataset, what: str, folder: str) -> None:
+    """Raises a clear error when a dataset's image and label files hold different numbers of samples (files from two
+    downloads, or one truncated), which would otherwise fail mid-epoch with an IndexError."""
+    images = getattr(dataset, "data", None)
+    labels = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    if images is not None and labels is not None and len(images) != len(labels):
+        raise InvalidInputError(
+            f"{what} files in {folder} do not match: {len(images)} images but {len(labels)} labels. Replace them with "
+            "one complete copy (delete them and download again)."
+        )
 
 
 class TorchvisionDataModule(AdvDataModule):
@@ -124,13 +137,15 @@ class TorchvisionDataModule(AdvDataModule):
                 reason = f"missing {', '.join(missing)} and downloading is disabled (download: false)"
             raise self._not_found(reason)
         try:
-            return self._make_dataset(train=train, transform=transform, download=False)
+            dataset = self._make_dataset(train=train, transform=transform, download=False)
         except RuntimeError as err:
             # torchvision signals checksum mismatches (corrupted or partial files) with a bare RuntimeError.
             raise self._not_found(
                 f"the files are present but torchvision could not load them, they are probably corrupted or "
                 f"incomplete; delete them and download again ({err})"
             ) from err
+        _check_images_match_labels(dataset, f"{self.title} {'training' if train else 'test'}", self.data_folder)
+        return dataset
 
     def _load_train_pool(self, transform: Any) -> Dataset:
         return self._load(train=True, transform=transform)

@@ -34,14 +34,54 @@ def check_inputs(inputs: Tensor) -> None:
         )
 
 
-def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None) -> None:
-    """Raises a clear error unless ``labels`` are integer class indices in [0, num_classes).
+def check_model_inputs(model: torch.nn.Module, inputs: Tensor, image_shape: tuple[int, ...] | None = None) -> None:
+    """Raises a clear error when ``inputs`` cannot go into ``model``: inputs of a dtype other than float32 (the
+    datamodules' dtype) and other than the model's parameters' (float64 images into a float32 model), or a shape
+    other than the model's ``image_shape`` (C, H, W) when it is known (3-channel images into a 1-channel model).
+    Reads no tensor values.
 
     Raises:
-        InvalidInputError (a ValueError): naming the offending range and the number of classes.
+        InvalidInputError (a ValueError): naming both and what to change.
+    """
+    param = next((p for p in model.parameters() if torch.is_floating_point(p)), None)
+    if param is not None and inputs.dtype not in (torch.float32, param.dtype):
+        raise InvalidInputError(
+            f"inputs are {inputs.dtype} but the model's parameters are {param.dtype}: convert the images with "
+            f"x.to({param.dtype}) (advtrain's datamodules yield float32 in [0, 1])."
+        )
+    if image_shape is not None and tuple(inputs.shape[1:]) != tuple(image_shape):
+        raise InvalidInputError(
+            f"inputs have shape (C, H, W) = {tuple(inputs.shape[1:])} but the model was built for "
+            f"{tuple(image_shape)} (image_shape, linked from the datamodule): check the dataset's channels and size "
+            "(e.g. grayscale versus RGB) or build the model for these images."
+        )
+
+
+def check_logits(outputs: object) -> Tensor:
+    """Returns ``outputs`` if it is a logits tensor (B, K); otherwise raises a clear error (a model returning a
+    tuple or a dict, as some model zoos do). Reads no tensor values."""
+    if not isinstance(outputs, Tensor):
+        kind = type(outputs).__name__
+        keys = f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else ""
+        raise InvalidInputError(
+            f"the model returned a {kind}{keys}, not a logits tensor: advtrain needs model(x) -> (B, num_classes) "
+            "logits. Wrap the model in a module whose forward returns only the logits."
+        )
+    if outputs.ndim != 2:
+        raise InvalidInputError(f"the model must return logits of shape (B, num_classes), got {tuple(outputs.shape)}.")
+    return outputs
+
+
+def check_labels(labels: Tensor, num_classes: int, batch_size: int | None = None) -> None:
+    """Raises a clear error unless ``labels`` are int64 class indices in [0, num_classes).
+
+    Raises:
+        InvalidInputError (a ValueError): naming the offending dtype or range and the number of classes.
     """
     if labels.dtype in (torch.bool,) or torch.is_floating_point(labels) or torch.is_complex(labels):
         raise InvalidInputError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+    if labels.dtype != torch.int64:  # the losses (cross_entropy, gather) take int64 only
+        raise InvalidInputError(f"labels must be int64 (torch.long) class indices, got {labels.dtype}: use y.long().")
     if labels.ndim != 1 or (batch_size is not None and labels.shape[0] != batch_size):
         raise InvalidInputError(f"labels must have shape ({batch_size or 'B'},), got {tuple(labels.shape)}.")
     lo, hi = torch.aminmax(labels)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from advtrain.engine.checks import check_inputs, check_labels, warn_if_probabilities
+from advtrain.engine.checks import check_inputs, check_labels, check_model_inputs, warn_if_probabilities
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
 from advtrain.engine.tracking import PassCounter, logits_of
@@ -130,6 +130,7 @@ class AttackCore:
         require_grad_mode()
         if checks:
             check_inputs(inputs)
+            check_model_inputs(model, inputs)
         self.model = model
         self.x = inputs.detach()
         self.x32 = self.x.float()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from advtrain.engine.checks import check_logits
 from advtrain.engine.result import AttackResult
 from advtrain.threat.norms import view_as_batch
 
@@ -55,7 +56,7 @@ def logits_of(
     that precision while the perturbation and everything computed from the logits stay in float32."""
     ctx = torch.autocast(inputs.device.type, dtype=autocast) if autocast is not None else nullcontext()
     with ctx:
-        logits = model(inputs)
+        logits = check_logits(model(inputs))
     if counter is not None:
         counter.forward(inputs.shape[0])
     return logits.float()

@@ -23,16 +23,18 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from advtrain.attacks.base import Attack
+from advtrain.engine.checks import check_logits, check_model_inputs
 from advtrain.engine.losses import margin_loss
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.errors import InvalidConfigError
 from advtrain.evaluation.masking import REL_TOL, within
 from advtrain.evaluation.metrics import RobustnessRecords
 from advtrain.evaluation.report import RobustnessReport, summarize
 from advtrain.evaluation.sampling import BatchAlignedSampler, dist_info
 from advtrain.evaluation.suites import ROLES, EvalAttack, build_suite, wrap_attacks
 from advtrain.threat.geometry import Geometry, geometry_for
-from advtrain.threat.norms import Norm, as_eps_tensor
+from advtrain.threat.norms import Norm, as_eps_tensor, parse_budget
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,10 @@ def verify(
 def _diagnostics(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Clean logits, whether two forward passes disagree, and whether the CE and margin gradients are both exactly
     zero (the inputs of two gradient-masking checks, at the cost of one extra forward and two backward passes)."""
+    check_model_inputs(model, x)  # the evaluation's first model call: a wrong dtype or output fails here, in words
     with attack_context(model, "eval"):
         with torch.no_grad():
-            first, second = model(x).float(), model(x).float()
+            first, second = check_logits(model(x)).float(), model(x).float()
         scale = 1.0 + first.abs().flatten(1).amax(1)
         unstable = ((first - second).abs().flatten(1).amax(1) > 1e-5 * scale) | (first.argmax(1) != second.argmax(1))
         with torch.enable_grad():
@@ -330,35 +333,43 @@ def prepare_attacks(
         ``(attacks, norm, eps, grid)`` with the grid sorted ascending.
 
     Raises:
-        ValueError: for attacks with different norms, a missing threat model, or an empty/negative grid.
+        InvalidConfigError (a ValueError): for attacks with different norms, a targeted attack (the evaluation
+            passes the true labels, which a targeted attack would take as its targets), a missing threat model, or
+            a budget that is negative or, for L∞, above 1.
     """
     if attacks is None:
         if suite is None:
-            raise ValueError("Give either attacks or a suite name.")
+            raise InvalidConfigError("Give either attacks or a suite name.")
         if norm is None or eps is None:
-            raise ValueError(f"Suite {suite!r} needs the threat model: pass norm and eps.")
+            raise InvalidConfigError(f"Suite {suite!r} needs the threat model: pass norm and eps.")
         entries = build_suite(suite, norm=norm, eps=eps, seed=seed)
     elif isinstance(attacks, Mapping):
         entries = wrap_attacks(attacks)
     else:
         entries = list(attacks)
     if not entries:
-        raise ValueError("No attacks to evaluate.")
+        raise InvalidConfigError("No attacks to evaluate.")
+    targeted = [e.name for e in entries if getattr(e.attack, "targeted", False)]
+    if targeted:
+        raise InvalidConfigError(
+            f"attack {targeted[0]!r} is targeted (targeted=True), but the evaluation passes the true labels, which it "
+            "would take as its targets (already reached: nothing is attacked). Use targeted=False."
+        )
     norms = {Norm.parse(getattr(e.attack, "norm", None) or e.attack.spec.norms[0]) for e in entries}
     if norm is not None:
         norms.add(Norm.parse(norm))
     if len(norms) > 1:
-        raise ValueError(f"The attacks use different norms ({sorted(n.value for n in norms)}): evaluate one threat "
-                         "model at a time.")  # fmt: skip
+        raise InvalidConfigError(f"The attacks use different norms ({sorted(n.value for n in norms)}): evaluate one "
+                                 "threat model at a time.")  # fmt: skip
     threat = norms.pop()
     budgets = [float(e.attack.eps) for e in entries if not e.minimal and getattr(e.attack, "eps", None) is not None]
     if eps is None:
         if not budgets and not eps_grid:
-            raise ValueError("Only minimal-norm attacks were given: pass eps or an eps_grid.")
+            raise InvalidConfigError("Only minimal-norm attacks were given: pass eps or an eps_grid.")
         eps = max(budgets) if budgets else max(eps_grid)
-    grid = sorted({float(e) for e in (eps_grid or [])} | {float(eps)} | (set() if eps_grid else set(budgets)))
-    if grid[0] < 0:
-        raise ValueError(f"eps values must be >= 0, got {grid}.")
+    eps = parse_budget(eps, threat, "eps")
+    checked = [parse_budget(e, threat, f"eps_grid[{i}]") for i, e in enumerate(eps_grid or [])]
+    grid = sorted(set(checked) | {eps} | (set() if eps_grid else set(budgets)))
     return entries, threat, float(eps), grid
 
 
@@ -493,6 +504,9 @@ def evaluate_robustness(
     Returns:
         The :class:`RobustnessReport`.
     """
+    for key, value in (("max_samples", max_samples), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise InvalidConfigError(f"{key} must be >= 1 (or null for the default), got {value}.")
     fused = fusion_enabled(fuse, max_fused_batch, device)
     entries, threat, eps, grid = prepare_attacks(attacks, suite=suite, norm=norm, eps=eps, eps_grid=eps_grid, seed=seed)
     geometry = geometry_for(threat)

@@ -21,6 +21,7 @@ from typing import Any
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import _REGISTRY, AttackKind, create_attack, list_attacks
+from advtrain.errors import InvalidConfigError
 from advtrain.threat.norms import Norm
 
 ROLES = ("minimal", "iterative", "one_step", "black_box")
@@ -129,7 +130,8 @@ def build_suite(
         The attacks, in suite order.
 
     Raises:
-        ValueError: for an unknown suite name, or when no attack of the suite supports the norm.
+        ValueError: for an unknown suite name, an ``overrides`` key that is not one of its labels, or when no attack
+            of the suite supports the norm.
     """
     if isinstance(suite, str):
         if suite not in SUITES:
@@ -138,6 +140,12 @@ def build_suite(
     else:
         entries = list(suite)
     norm = Norm.parse(norm).value
+    unknown = sorted(set(overrides or {}) - {entry.label for entry in entries})
+    if unknown:
+        raise InvalidConfigError(
+            f"overrides: {unknown[0]!r} is not an attack of this suite; its labels are "
+            f"{', '.join(entry.label for entry in entries)} (e.g. --overrides '{{{entries[0].label}: {{steps: 10}}}}')."
+        )
     specs = list_attacks()
     built = []
     for entry in entries:
@@ -156,6 +164,12 @@ def build_suite(
             kwargs.setdefault("eps", eps)
         if spec.stochastic and "seed" in accepted:
             kwargs.setdefault("seed", seed)
+        wrong = sorted(set(kwargs) - set(accepted) - {"self"})
+        if wrong and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            raise InvalidConfigError(
+                f"overrides: {entry.label} has no hyperparameter {wrong[0]!r}; it accepts "
+                f"{', '.join(p for p in accepted if p != 'self')}."
+            )
         attack = create_attack(entry.attack, **kwargs)
         built.append(EvalAttack(entry.label, attack, entry.role, spec.kind is AttackKind.MINIMAL, entry.unbounded))
     if not built:

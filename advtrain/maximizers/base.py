@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
+from advtrain.threat.norms import checks_budget_arguments
 
 A = TypeVar("A", bound=Attack)
 
@@ -62,6 +63,10 @@ class InnerMaximizer(ABC):
 
     manual_optimization: bool = False
     budget_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        checks_budget_arguments(cls)  # eps: a number, >= 0, <= 1 for L∞, parsed once in the constructor
 
     @abstractmethod
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:

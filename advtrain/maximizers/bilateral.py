@@ -1,5 +1,5 @@
 """Bilateral adversarial training (Wang & Zhang, "Bilateral Adversarial Training: Towards Fast Training of More
-Robust Models Against Adversarial Attacks", ICCV 2019; seed 003 and METHODS.md §6): perturb the image with a
+Robust Models Against Adversarial Attacks", ICCV 2019; seed 003): perturb the image with a
 one-step targeted attack toward the most confusing class, and the label with an adversarial or smoothed label."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from advtrain.threat.geometry import geometry_for
 
 
 def adversarial_labels(probs: Tensor, labels: Tensor, *, beta: float = 9.0, gamma: float = 0.01) -> Tensor:
-    """R-MC-LA adversarial labels (METHODS.md §6).
+    """R-MC-LA adversarial labels.
 
     With L_k = −log(p_k + 1e-8) for k ≠ y, m = min L_k, M = max L_k, D = Σ_{k≠y}(L_k − m + γ) and
     δ = 1 / (1 + β(M − m + γ)/D): ỹ_k = δ(L_k − m + γ)/D for k ≠ y and ỹ_y = 1 − δ. Off-class mass grows with L_k

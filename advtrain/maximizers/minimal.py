@@ -1,5 +1,5 @@
 """Inner maximizers built on minimal-norm attacks, projected to the training budget: DDN (Rony et al., CVPR 2019)
-and advtrain's TR-L∞ (on Yao et al., CVPR 2019). METHODS.md §2 and §3. They differ in what a sample the attack
+and advtrain's TR-L∞ (on Yao et al., CVPR 2019). They differ in what a sample the attack
 never fooled trains on: DDN returns it unchanged (the official training), TR-L∞ uses the attack's last iterate."""
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ class _ProjectedMinimalNorm(InnerMaximizer):
 
 
 class DDN(_ProjectedMinimalNorm):
-    """DDN adversarial training (Rony et al. 2019, Sec. 5–6; METHODS.md §2).
+    """DDN adversarial training (Rony et al. 2019, Sec. 5–6).
 
     DDN (``steps`` iterations, γ, cosine step 1 → 0.01, 256-level quantisation) finds the smallest adversarial
     perturbation it can; it is then renormalised down to ‖δ‖₂ ≤ ε and the model trains on the adversarial examples
     only. Inside the ε-ball this gives the minimal-norm point (near the boundary), not the max-loss point.
 
-    Decision (METHODS.md §2, as the official training code): a sample DDN never fools comes back unchanged and trains
+    Decision (as the official training code): a sample DDN never fools comes back unchanged and trains
     clean; advtrain does not substitute DDN's last iterate (unlike :class:`TRLinf`). With 100 steps DDN's radius grows
     by up to 5% per step, so on a trained network such samples are rare; samples whose minimal perturbation is longer
     than ε, shrunk into the ball, may stop fooling and then train near the boundary.
@@ -79,14 +79,14 @@ class DDN(_ProjectedMinimalNorm):
 
 
 class TRLinf(_ProjectedMinimalNorm):
-    """advtrain's TR-L∞ maximizer (METHODS.md §3: no official recipe exists).
+    """advtrain's TR-L∞ maximizer (no official recipe exists).
 
     The trust-region attack (L∞, first order, adaptive radius, best class) runs for a fixed small budget of
     ``steps`` iterations; each sample's point is clipped to [x − ε, x + ε] and the box, and the model trains on the
     result. A fooled sample's point is its first fooling point (the minimal-norm one the attack found); a sample
     still unfooled after the budget uses the attack's **last iterate** (``AttackResult.extra["last_iterate"]``).
 
-    Decision: METHODS.md §3 defines the design as "run TR with a fixed small budget, project to the ε-ball, train
+    Decision: the design is "run TR with a fixed small budget, project to the ε-ball, train
     on the result", i.e. on where the budget left each sample. Returning an unfooled sample unchanged (a minimal-norm
     attack's evaluation contract) would train exactly the samples the attack found hardest on clean inputs, and with
     a small budget that is most of them: the model then trains (nearly) clean and has no robustness. The last iterate

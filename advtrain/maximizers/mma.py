@@ -1,5 +1,5 @@
 """Max-Margin Adversarial training with AN-PGD (Ding et al., "MMA Training: Direct Input Space Margin Maximization
-through Adversarial Training", ICLR 2020; seed 003 Alg. 1–2 and METHODS.md §5)."""
+through Adversarial Training", ICLR 2020; seed 003 Alg. 1–2)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class MMA(InnerMaximizer, nn.Module):
     The margins live in a buffer indexed by the dataset index (the datamodules yield it), so they are saved in and
     restored from checkpoints; the buffer grows to the largest index seen.
 
-    Decisions (METHODS.md §5): all attack forwards run in eval mode and points are clipped to [0, 1] (the official
+    Decisions: all attack forwards run in eval mode and points are clipped to [0, 1] (the official
     code bisects in train mode and does not clip); the correct/incorrect split uses an eval-mode clean forward; the
     bisection finds the decision boundary (AN-PGD's docstring says why).
 

@@ -1,4 +1,4 @@
-"""PGD inner maximizer (Madry et al., ICLR 2018; METHODS.md §1)."""
+"""PGD inner maximizer (Madry et al., ICLR 2018)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""YOPO-m-n, "You Only Propagate Once" (Zhang et al., NeurIPS 2019; seed 003 and METHODS.md §4).
+"""YOPO-m-n, "You Only Propagate Once" (Zhang et al., NeurIPS 2019; seed 003).
 
 YOPO is a whole training step rather than a perturbation: it reuses each full backward pass m times, running n cheap
 inner updates of the perturbation through the first layer only, and builds the weight gradients itself. The
@@ -40,7 +40,7 @@ class YOPO(InnerMaximizer):
     learning rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m); Adam is invariant to the gradient's scale and
     keeps its learning rate (``configs/maximizer/yopo_mnist.yaml``).
 
-    Decision (METHODS.md §4): the official PreActResNet config also accumulates the first layer's gradient from the
+    Decision: the official PreActResNet config also accumulates the first layer's gradient from the
     full backward passes, counting it twice; here the full backward passes reach only g, and the first layer gets
     exactly the m Hamiltonian terms (the WRN/MNIST configs' behaviour). The model must be an
     :class:`advtrain.models.Classifier` (``layer_one``/``rest`` split). The module's ``objective`` is not used: YOPO's

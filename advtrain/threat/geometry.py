@@ -99,7 +99,7 @@ class L2Geometry(Geometry):
         return delta * view_as_batch(factor, delta)
 
     def sample(self, like: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A uniformly random direction scaled to U(0, 1)·ε (the Madry L2 recipe, METHODS.md §1).
+        """A uniformly random direction scaled to U(0, 1)·ε (the Madry L2 recipe).
 
         This is not uniform in the ball's volume (which would put almost all mass on the sphere in high
         dimension); it spreads starts over radii as the reference implementation does.

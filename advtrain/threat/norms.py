@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from enum import Enum
+from fractions import Fraction
 
 import torch
 from torch import Tensor
+
+from advtrain.errors import InvalidConfigError
 
 
 class Norm(str, Enum):
@@ -39,6 +45,63 @@ class Norm(str, Enum):
         except ValueError:
             allowed = ", ".join(repr(n.value) for n in cls)
             raise ValueError(f"Unknown norm {value!r}; allowed values are {allowed}.") from None
+
+
+def parse_budget(eps: object, norm: str | Norm | None, name: str = "eps") -> float | None:
+    """A budget given to a constructor, checked once at the boundary: a finite number >= 0 (``None`` passes through,
+    for unbudgeted minimal-norm attacks), at most 1 for L∞ (inputs live in [0, 1]: ε ≥ 1 allows any image).
+
+    Raises:
+        InvalidConfigError (a ValueError): naming ``name``, the value and what to write instead.
+    """
+    if eps is None or isinstance(eps, Tensor):
+        return eps  # per-sample tensors are checked per call (as_eps_tensor)
+    if isinstance(eps, str):
+        try:
+            hint = f"eps={float(Fraction(eps.strip())):.6g} or the expression {eps.strip()} without quotes"
+        except (ValueError, ZeroDivisionError):
+            hint = "a number such as 8/255 (a Python expression, not a string)"
+        raise InvalidConfigError(f"{name} must be a number, got the string {eps!r}: pass {hint}.")
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise InvalidConfigError(f"{name} must be a number, got {eps!r} ({type(eps).__name__}).") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidConfigError(f"{name} must be finite and >= 0, got {eps!r}.")
+    if value > 1 and norm is not None and Norm.parse(norm) is Norm.LINF:
+        raise InvalidConfigError(
+            f"{name}={eps!r} with norm 'linf' exceeds 1, the whole [0, 1] pixel range, so every image would be "
+            f"allowed: give the budget on the [0, 1] scale (8/255, not 8)."
+        )
+    return value
+
+
+def checks_budget_arguments(cls: type) -> None:
+    """Makes ``cls.__init__`` pass its ``eps`` argument through :func:`parse_budget` (with the call's ``norm``, or
+    the signature's default) before the body runs. Called from ``__init_subclass__`` of the attack and maximizer
+    bases, so every subclass parses its budget at the boundary; the signature is kept (``functools.wraps``) for
+    jsonargparse and ``repr``."""
+    init = cls.__dict__.get("__init__")
+    if init is None or getattr(init, "_checks_budget", False):
+        return
+    params = inspect.signature(init).parameters
+    if "eps" not in params:
+        return
+    default_norm = params["norm"].default if "norm" in params else None
+    default_norm = None if default_norm is inspect.Parameter.empty else default_norm
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        if "eps" in kwargs:
+            norm = kwargs.get("norm", default_norm)
+            if "norm" not in params:  # one-norm classes (FGSM, DDN): the norm of their registry spec
+                norms = getattr(getattr(self, "spec", None), "norms", ())
+                norm = norms[0] if len(norms) == 1 else None
+            kwargs["eps"] = parse_budget(kwargs["eps"], norm)
+        init(self, *args, **kwargs)
+
+    __init__._checks_budget = True
+    cls.__init__ = __init__
 
 
 def flat_norm(t: Tensor, p: float) -> Tensor:

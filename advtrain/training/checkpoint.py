@@ -146,9 +146,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: no rename there, Lightning's own write
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # a read-only parent fails here, with the same message
             super().save_checkpoint(checkpoint, tmp, storage_options)
             os.replace(tmp, target)
         except OSError as err:

@@ -18,8 +18,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from advtrain.attacks.base import Attack
-from advtrain.engine.checks import check_inputs, check_labels
+from advtrain.engine.checks import check_inputs, check_labels, check_model_inputs
 from advtrain.engine.modes import attack_context
+from advtrain.errors import InvalidConfigError
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
 from advtrain.training.divergence import DivergenceWatch, check_every_option
@@ -125,7 +126,14 @@ class AdversarialTraining(pl.LightningModule):
         self.objective = objective if objective is not None else AdversarialCE()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        _try_scheduler(lr_scheduler)
+        if getattr(val_attack, "targeted", False):
+            raise InvalidConfigError(
+                "model.val_attack: a targeted attack (targeted=True) would take the true labels as its targets "
+                "(already reached: nothing is attacked); use targeted=False."
+            )
         self.val_attack = val_attack
+        self.image_shape = tuple(image_shape)
         self.budget_schedule = budget_schedule
         if budget_schedule is not None:
             budget_schedule.check(self.maximizer.budget)
@@ -150,12 +158,16 @@ class AdversarialTraining(pl.LightningModule):
         self.test_clean_acc = MulticlassAccuracy(**acc)
         self.test_robust_acc = MulticlassAccuracy(**acc)
 
+    #: ``predict`` also predicts on the validation attack's adversarial inputs (``predict --adversarial true``).
+    predict_adversarial: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def _check(self, x: Tensor, y: Tensor) -> None:
         if self.validate_batches:
             check_inputs(x)
+            check_model_inputs(self.model, x, self.image_shape)
             check_labels(y, self.num_classes, x.shape[0])
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -198,16 +210,24 @@ class AdversarialTraining(pl.LightningModule):
         prefix = "train/adv" if out.adversarial else "train/clean"
         self.train_acc.update(out.logits.detach(), y)
         # Not in the progress bar: Lightning would convert the step value to a Python number after every batch.
-        self.log(f"{prefix}_loss", out.loss.detach(), on_step=True, on_epoch=True)
+        # sync_dist: the epoch mean of a plain tensor is this rank's own unless reduced over the DDP ranks (Metric
+        # objects, such as train_acc, reduce themselves).
+        self.log(f"{prefix}_loss", out.loss.detach(), on_step=True, on_epoch=True, sync_dist=True)
         self.log(f"{prefix}_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         # A Python number would go to the device as a blocking copy from host memory (Lightning's torch.tensor(lr,
         # device=...)); torch.full passes it to a fill kernel instead. Same float32 value, same epoch mean.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", torch.full((), lr, device=x.device), on_step=False, on_epoch=True)
+        self.log("train/lr", torch.full((), lr, device=x.device), on_step=False, on_epoch=True, sync_dist=True)
         if self.budget_schedule is not None and self.maximizer.budget is not None:
             eps = factor * self.maximizer.budget
-            self.log("train/eps", torch.full((), eps, device=x.device), on_step=False, on_epoch=True)
-            self.log("train/budget_factor", torch.full((), factor, device=x.device), on_step=False, on_epoch=True)
+            self.log("train/eps", torch.full((), eps, device=x.device), on_step=False, on_epoch=True, sync_dist=True)
+            self.log(
+                "train/budget_factor",
+                torch.full((), factor, device=x.device),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+            )
         if self.track_clean_train and out.adversarial:
             with torch.no_grad(), attack_context(self.model, "eval"):
                 clean_logits = self.model(x)
@@ -320,6 +340,25 @@ class AdversarialTraining(pl.LightningModule):
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_clean_acc, self.test_robust_acc, "test")
 
+    def predict_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-sample predictions: ``index`` (position in the split; -1 for batches without one), ``label``,
+        ``pred`` (the predicted class), ``probs`` (softmax) and, with :attr:`predict_adversarial`, ``adv_pred``: the
+        prediction on the validation attack's adversarial input (re-checked with a fresh forward pass)."""
+        x, y, index = _unpack(batch)
+        self._check_unless_checked_on_host(x, y)
+        with torch.no_grad():
+            probs = self.model(x).float().softmax(dim=1)
+        out = {"index": index if index is not None else torch.full_like(y, -1), "label": y, "pred": probs.argmax(1),
+               "probs": probs}  # fmt: skip
+        if self.predict_adversarial:
+            if self.val_attack is None:
+                raise InvalidConfigError("predict --adversarial true needs model.val_attack; the model has none.")
+            with torch.enable_grad():
+                result = self.val_attack(self.model, x, y)
+            with torch.no_grad(), attack_context(self.model, "eval"):
+                out["adv_pred"] = self.model(result.adv).argmax(1)
+        return out
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -348,6 +387,16 @@ def _unpack(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
     raise ValueError(f"Batches must be (inputs, labels) or (inputs, labels, index); got {len(batch)} elements.")
 
 
+def _try_scheduler(factory: LRSchedulerCallable | None) -> None:
+    """Builds the learning-rate schedule once on a throwaway optimizer, so that a bad argument (a MultiStep milestone
+    outside (0, 1)) stops the run at instantiation, before loggers and checkpoint folders are created."""
+    if factory is None:
+        return
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with total_steps_context(100):
+        factory(optimizer)
+
+
 def _build_model(arch, arch_kwargs, num_classes, image_shape, mean, std):
     """Builds the classifier, passing the linked dataset facts only to models that take them."""
     from advtrain.models.registry import model_keywords
@@ -363,10 +412,14 @@ def _build_model(arch, arch_kwargs, num_classes, image_shape, mean, std):
     return create_model(arch, **kwargs)
 
 
-def _load_classifier_weights(model: torch.nn.Module, path: str, ckpt: dict[str, Any] | None = None) -> None:
+def _load_classifier_weights(
+    model: torch.nn.Module, path: str, what: str = "init_weights", ckpt: dict[str, Any] | None = None
+) -> None:
     """Loads classifier weights from an advtrain checkpoint (``model.*`` keys) or a plain state dict
-    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped); ``ckpt`` is
-    the file's content when already read (by ``read_checkpoint``)."""
+    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped).
+
+    ``what`` names the option that chose the model, for the message when the weights do not fit (``init_weights``,
+    or ``--arch`` for ``evaluate``); ``ckpt`` is the file's content when already read (by ``read_checkpoint``)."""
     from advtrain.training.checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
@@ -377,4 +430,15 @@ def _load_classifier_weights(model: torch.nn.Module, path: str, ckpt: dict[str, 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: the weights do not fit the configured model: {err}") from None
+        missing, unexpected = _key_mismatch(model.state_dict(), state)
+        raise CheckpointError(
+            f"{what}: the weights in {path} do not fit the {type(model).__name__} model it names ({missing}missing, "
+            f"{unexpected}unexpected keys): pass the architecture they were trained with ({str(err).splitlines()[0]})"
+        ) from None
+
+
+def _key_mismatch(expected: dict, given: dict) -> tuple[str, str]:
+    """The missing and unexpected parameter names of a state dict, counted, with the first of each."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    return tuple(f"{len(keys)} {'(e.g. ' + keys[0] + ') ' if keys else ''}" for keys in (missing, unexpected))

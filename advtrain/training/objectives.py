@@ -115,7 +115,7 @@ class TRADESLoss(Objective):
 
 
 class MMALoss(Objective):
-    """MMA's loss mix (seed 003 Alg. 2; METHODS.md §5): 1/3·CE on every clean example plus 2/3·[CE(x + δ*) over the
+    """MMA's loss mix (seed 003 Alg. 2): 1/3·CE on every clean example plus 2/3·[CE(x + δ*) over the
     correct examples with ε* < d_max and CE(x) over the misclassified ones], summed and divided by the batch size.
     Misclassified examples thus weigh 1 on their clean loss, correct ones 1/3 clean + 2/3 adversarial, and correct
     ones already beyond d_max only 1/3 clean. Needs :class:`~advtrain.maximizers.MMA`'s masks."""

@@ -62,11 +62,15 @@ class MultiStep(LambdaLR):
         gamma: float | Sequence[float] = 0.1, total_steps: int | None = None,
     ) -> None:  # fmt: skip
         if any(not 0 < m < 1 for m in milestones) or list(milestones) != sorted(milestones):
-            raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}.")
+            raise InvalidConfigError(
+                "model.lr_scheduler: MultiStep milestones must be increasing fractions of training in (0, 1) "
+                f"(0.5 = halfway), got {list(milestones)}."
+            )
         gammas = [float(gamma)] * len(milestones) if isinstance(gamma, int | float) else [float(g) for g in gamma]
         if len(gammas) != len(milestones):
-            raise ValueError(
-                f"gamma needs one factor per milestone: {len(milestones)} milestones, {len(gammas)} factors."
+            raise InvalidConfigError(
+                f"model.lr_scheduler: MultiStep gamma needs one factor per milestone: {len(milestones)} milestones, "
+                f"{len(gammas)} factors."
             )
         total = _total_steps(total_steps)
         steps = [round(m * total) for m in milestones]
@@ -97,7 +101,7 @@ class Cosine(LambdaLR):
         self, optimizer: Optimizer, *, warmup: float = 0.0, final_factor: float = 0.0, total_steps: int | None = None
     ) -> None:
         if not 0.0 <= warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}.")
+            raise InvalidConfigError(f"model.lr_scheduler: Cosine warmup must be a fraction in [0, 1), got {warmup}.")
         total = _total_steps(total_steps)
         warm = round(warmup * total)
 
