@@ -118,7 +118,8 @@ def train_advtrain(seed: int, epochs: int, workdir: Path, extra: list[str]) -> n
 
     run = f"quality-s{seed}"
     args = [sys.executable, "-m", "advtrain", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
-            "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
+            "--seed_everything", str(seed), "--data.init_args.seed", "0", "--trainer.max_epochs", str(epochs),
+            "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--run_name", run, *extra]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled"}
     subprocess.run(args, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -146,7 +147,7 @@ def evaluate(net: nn.Module, test_x, test_y, suite: str) -> dict[str, float]:
 def data(test_samples: int):
     from advtrain.data import MNIST5kDataModule
 
-    dm = MNIST5kDataModule(batch_size=BATCH)
+    dm = MNIST5kDataModule(batch_size=BATCH, seed=0)
     dm.setup("fit")
     ds = dm.train_dataset.dataset
     train_idx, test_idx = dm.train_dataset.indices, dm.test_dataset.indices[:test_samples]
