@@ -37,7 +37,7 @@ from advtrain.threat.norms import Norm
 from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import Objective
-from advtrain.training.run_folder import RunLock, resolve_checkpoint, run_folder
+from advtrain.training.run_folder import RunLock, resolve_checkpoint, run_folder, unwritable_folder
 
 log = logging.getLogger("advtrain")
 
@@ -479,10 +479,7 @@ class AdvSaveConfig(SaveConfigCallback):
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "config.yaml").write_text(text)
             except OSError as err:  # a read-only or full checkpoints folder: stop before training, in one line
-                raise InvalidConfigError(
-                    f"Cannot write to the checkpoint folder {folder} ({os.strerror(err.errno) if err.errno else err}): "
-                    "make it writable, or point the ModelCheckpoint dirpath (or --run_name) elsewhere."
-                ) from None
+                raise unwritable_folder(folder, err) from None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment

@@ -65,6 +65,14 @@ def resolve_checkpoint(ckpt_path: str | Path | None, folder: Path) -> Path | Non
     )
 
 
+def unwritable_folder(folder: Path, err: OSError) -> RunFolderError:
+    """The one-line error for a run folder that cannot be created or written to."""
+    return RunFolderError(
+        f"Cannot write to the checkpoint folder {folder} ({os.strerror(err.errno) if err.errno else err}): make it "
+        "writable, or point the ModelCheckpoint dirpath (or --run_name) elsewhere."
+    )
+
+
 class RunLock:
     """The run folder of a ``fit``, held by one process: refused while another live process holds it, or when the
     folder holds another run (checkpoints or a ``config.yaml``) that this one does not resume.
@@ -80,7 +88,13 @@ class RunLock:
     def __init__(self, folder: Path, *, resuming: bool) -> None:
         self.folder = folder
         self.path = folder / LOCK_NAME
-        folder.mkdir(parents=True, exist_ok=True)
+        # The folders this lock creates, deepest first: removed again by release() if the run leaves them empty (a
+        # run refused at instantiation, e.g. for a bad config value, leaves nothing behind).
+        self._created = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file where a folder should be, a read-only or full disk
+            raise unwritable_folder(folder, err) from None
         self._take()
         try:
             held = sorted({p.name for pattern in _RUN_FILES for p in folder.glob(pattern)})
@@ -115,12 +129,17 @@ class RunLock:
         raise RunFolderError(f"{self.path}: another process took the lock at the same time; try again.")
 
     def release(self) -> None:
-        """Removes the lock file if this process holds it."""
+        """Removes the lock file if this process holds it, and the folders it created if they are left empty."""
         try:
             if self.path.read_text().split()[0] == str(os.getpid()):
                 self.path.unlink()
         except (OSError, IndexError):
             pass
+        for created in self._created:
+            try:
+                created.rmdir()  # only succeeds while empty
+            except OSError:
+                break
 
 
 def _stale(owner: list[str]) -> bool:
