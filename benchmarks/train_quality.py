@@ -10,7 +10,8 @@ with advtrain is only the data (the digits are read from the package's file, spl
 evaluation. Each ``--variants`` entry changes one thing at a time, so that a gap can be traced to its cause:
 
 * ``advtrain``: ``python -m advtrain fit --config recipes/quickstart.yaml --seed_everything S`` (extra flags with
-  ``--advtrain-args``).
+  ``--advtrain-args``, e.g. ``"--model.arch_kwargs '{init: he}'"``, labelled with ``--tag``).
+* ``advtrain-standard``: the same recipe with ``configs/maximizer/standard.yaml`` (standard training), the baseline.
 * ``plain``: the plain loop, PyTorch's default initialisation (SmallCNN's ``init="torch"``).
 * ``plain-he``: the plain loop with He-normal (fan_in) weights and zero biases on every layer but the last
   (SmallCNN's ``init="he"``, its default before this comparison).
@@ -113,10 +114,10 @@ def train_plain(seed: int, epochs: int, init: str, ramp_epochs: int, train_x, tr
 # ------------------------------------------------------------------------------------------------ advtrain
 
 
-def train_advtrain(seed: int, epochs: int, workdir: Path, extra: list[str]) -> nn.Module:
+def train_advtrain(seed: int, epochs: int, workdir: Path, extra: list[str], name: str = "advtrain") -> nn.Module:
     from advtrain.training.checkpoint import load_training_module
 
-    run = f"quality-s{seed}"
+    run = f"{name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh run folder every time
     args = [sys.executable, "-m", "advtrain", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
             "--seed_everything", str(seed), "--data.init_args.seed", "0", "--trainer.max_epochs", str(epochs),
             "--trainer.logger", "false",
@@ -157,7 +158,7 @@ def data(test_samples: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["advtrain", "plain"],
-                        choices=["advtrain", *PLAIN])  # fmt: skip
+                        choices=["advtrain", "advtrain-standard", *PLAIN])  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--test-samples", type=int, default=200)
@@ -174,13 +175,16 @@ def main() -> None:
     for variant in opts.variants:
         for seed in opts.seeds:
             start = time.perf_counter()
-            if variant == "advtrain":
-                net = train_advtrain(seed, opts.epochs, out, shlex.split(opts.advtrain_args))
+            if variant.startswith("advtrain"):
+                extra = shlex.split(opts.advtrain_args)
+                if variant == "advtrain-standard":
+                    extra += ["--config", str(ROOT / "configs" / "maximizer" / "standard.yaml")]
+                net = train_advtrain(seed, opts.epochs, out, extra, name=variant)
             else:
                 init, ramp = PLAIN[variant]
                 net = train_plain(seed, opts.epochs, init, ramp, train_x, train_y)
             fit_s = time.perf_counter() - start
-            name = variant + (f" {opts.tag}" if opts.tag and variant == "advtrain" else "")
+            name = variant + (f" {opts.tag}" if opts.tag and variant.startswith("advtrain") else "")
             row = {"variant": name, "seed": seed, "epochs": opts.epochs, "fit_s": round(fit_s, 1),
                    **evaluate(net, test_x, test_y, opts.suite)}  # fmt: skip
             print(json.dumps(row), flush=True)
