@@ -326,13 +326,17 @@ class AdversarialTraining(pl.LightningModule):
             self.val_loss(torch.nn.functional.cross_entropy(logits, y))
             self.log("val/loss", self.val_loss)
         if self.val_attack is not None:
-            # Lightning runs fit-time validation under no_grad; attacks need input gradients.
-            with torch.enable_grad():
-                result = self.val_attack(self.model, x, y)
-            with torch.no_grad(), attack_context(self.model, "eval"):
-                adv_logits = self.model(result.adv)  # the framework, not the attack, decides success
-            robust_acc(adv_logits, y)
+            robust_acc(self._val_attack_logits(x, y), y)
             self.log(f"{stage}/robust_acc", robust_acc, prog_bar=True)
+
+    def _val_attack_logits(self, x: Tensor, y: Tensor) -> Tensor:
+        """Logits on ``val_attack``'s adversarial inputs, from a fresh forward pass in eval mode: the framework, not the
+        attack, decides success. Lightning runs validation and prediction under no_grad; attacks need input
+        gradients."""
+        with torch.enable_grad():
+            result = self.val_attack(self.model, x, y)
+        with torch.no_grad(), attack_context(self.model, "eval"):
+            return self.model(result.adv)
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_clean_acc, self.val_robust_acc, "val")
@@ -353,10 +357,7 @@ class AdversarialTraining(pl.LightningModule):
         if self.predict_adversarial:
             if self.val_attack is None:
                 raise InvalidConfigError("predict --adversarial true needs model.val_attack; the model has none.")
-            with torch.enable_grad():
-                result = self.val_attack(self.model, x, y)
-            with torch.no_grad(), attack_context(self.model, "eval"):
-                out["adv_pred"] = self.model(result.adv).argmax(1)
+            out["adv_pred"] = self._val_attack_logits(x, y).argmax(1)
         return out
 
     def configure_optimizers(self) -> Any:
