@@ -22,6 +22,7 @@ FAST: dict[str, dict] = {
     "deepfool": {"steps": 5},
     "cw_l2": {"steps": 5, "binary_search_steps": 2},
     "ddn": {"steps": 5},
+    "fab": {"steps": 5},
     "tr": {"steps": 5},
     "strattack": {"steps": 5, "binary_search_steps": 1, "refine_steps": 5, "refine_search_steps": 1},
 }

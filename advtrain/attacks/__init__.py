@@ -6,6 +6,7 @@ from advtrain.attacks.base import Attack
 from advtrain.attacks.cw import CarliniWagnerL2
 from advtrain.attacks.ddn import DDN
 from advtrain.attacks.deepfool import DeepFool
+from advtrain.attacks.fab import FAB
 from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
 from advtrain.attacks.square import Square
@@ -26,6 +27,7 @@ __all__ = [
     "CarliniWagnerL2",
     "DDN",
     "DeepFool",
+    "FAB",
     "AttackKind",
     "AttackSpec",
     "create_attack",
