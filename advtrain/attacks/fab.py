@@ -80,7 +80,9 @@ class FAB(Attack):
     once with δ = 0 and cost nothing more. Without ``eps`` every other sample goes through every restart and every
     target (each run can only lower its norm), for ``steps`` iterations each. With ``eps`` only perturbations with
     ‖δ‖_p ≤ ε count as success, and a sample stops as soon as it has one: it leaves the run at that iteration and
-    is not attacked by later restarts or targets (its success cannot change any more).
+    is not attacked by later restarts or targets (its success cannot change any more). So AutoAttack's FAB-T at a
+    budget is ``FAB(n_target_classes=9, eps=ε)``; without ``eps`` FAB-T runs all k targets on every sample (about
+    k times the cost, for the smallest norm over targets).
 
     Cost: one forward pass of the clean batch, then per iteration and sample in a run one forward pass with a
     graph, K backward passes (K = C − 1 untargeted, 1 for FAB-T and targeted) and one forward pass of the new
@@ -94,11 +96,13 @@ class FAB(Attack):
       per sample and cannot be lost once found); the returned point is the first one within ε, not the smallest,
       and the cost drops. Run without ``eps`` for minimal norms.
     * Without ``eps``, restarts and FAB-T's targets attack every sample that is not fooled from the start, keeping
-      the smallest norm over runs (the paper's use of restarts); the official code, whose ``eps`` defaults to
-      0.3/1/5 (L∞/L2/L1), only re-attacks the samples not yet fooled within that default. The restart radius is
+      the smallest norm over runs (what a minimal-norm attack wants from them); the official code, whose ``eps``
+      defaults to 0.3/1/5 (L∞/L2/L1), only re-attacks the samples not yet fooled within that default. The radius is
       then r = min(smallest norm found so far, that default): a restart is meant to search near the boundary, and a
       sample with a known adversarial point has it closer than the default (the official code's ``min(res2, eps)``
       has the same form but its res2 is reset before every run, so it always draws at eps/2).
+    * FAB-T's targets are the top-k clean logits other than the label; the official code takes the 2nd to
+      (k+1)-th largest logits, the same classes for the correctly classified samples it attacks.
     * Untargeted linearisation takes the gradients of the C − 1 logit differences (C − 1 backward passes); the
       official code takes those of all C logits and subtracts. Same hyperplanes, one pass fewer.
     * The projection is solved exactly by sorting (one sort, cumulative sums, no bisection); it gives the official
