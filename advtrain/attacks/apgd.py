@@ -273,8 +273,8 @@ class APGD(Attack):
       before the restart.
     * Random start: the core's :meth:`Geometry.sample` (uniform in the L∞ cube; random direction times U(0,1)·ε
       for L2), where AutoAttack starts on the sphere of its norm. Both are valid random inits; the step size 2ε
-      makes the first step leave the start behind in either case. For L1 both project a standard normal vector
-      (AutoAttack onto ball ∩ box at once, here onto the ball, then onto ball ∩ box).
+      makes the first step leave the start behind in either case. For L1 the start is AutoAttack's: the exact
+      projection of a standard normal vector onto ball ∩ box (:meth:`L1Geometry.sample_ball_box`).
     * Targeted (``targeted=True``, ``labels`` are targets): ``loss="ce"`` descends the cross-entropy to the
       target; ``loss="dlr"`` ascends the paper's targeted DLR loss (:func:`targeted_dlr_loss`), whose true
       class y is taken as the model's clean prediction (one extra forward pass), since the attack contract
@@ -512,7 +512,7 @@ class APGD(Attack):
                 # Each segment draws its random starts from its own generator, as its own call would.
                 segment = torch.bucketize(idx, bounds[1:], right=True)
                 start = torch.cat([
-                    self.geometry.sample(core.x32[part], first_eps[part], generator)
+                    self.geometry.sample_ball_box(core.x32[part], first_eps[part], generator)
                     for s, (_, _, generator) in enumerate(segments)
                     if (part := idx[segment == s]).numel()
                 ])  # fmt: skip

@@ -48,6 +48,11 @@ class Geometry(ABC):
     def sample(self, like: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A random start inside the ball (float32, shape of ``like``); see each geometry for the law."""
 
+    def sample_ball_box(self, inputs: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A random start inside ball ∩ box around ``inputs``: :meth:`sample` moved into ball ∩ box by
+        :meth:`project_ball_box` (a geometry may draw it differently, see :meth:`L1Geometry.sample_ball_box`)."""
+        return self.project_ball_box(inputs, self.sample(inputs, eps, generator), eps)
+
     def project_ball_box(self, inputs: Tensor, delta: Tensor, eps: Tensor) -> Tensor:
         """Projects onto the ball, then clips ``inputs + δ`` to [0, 1].
 
@@ -213,6 +218,13 @@ class L1Geometry(Geometry):
         """
         z = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
         return self.project(z, eps)
+
+    def sample_ball_box(self, inputs: Tensor, eps: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The exact projection onto ball ∩ box of a standard normal vector (AutoAttack's L1 start): where the box
+        blocks a coordinate's direction, the mass goes to the next largest coordinates instead of being lost, as it is
+        when :meth:`sample` is clipped afterwards (on images with many pixels at 0 or 1, about half of it)."""
+        z = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=torch.float32)
+        return self.project_ball_box(inputs, z, eps)
 
 
 _GEOMETRIES: dict[Norm, type[Geometry]] = {Norm.LINF: LinfGeometry, Norm.L2: L2Geometry, Norm.L1: L1Geometry}
