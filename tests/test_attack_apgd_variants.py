@@ -9,8 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN, linear_problem, never_fooled_binary
+from helpers import LinearNet, TinyCNN, digits_mlp, linear_problem, never_fooled_binary
 from torch import nn
 
 from advtrain.attacks.apgd import APGD, _SparseSchedule, largereps_stages
@@ -237,29 +236,8 @@ def test_l1_largereps_passes_and_only_the_last_stage_fools():
 
 
 @pytest.fixture(scope="module")
-def digits_mlp():
-    """A 196-64-10 ReLU MLP on 14×14 (2×2-average-pooled) embedded MNIST digits: 150 full-batch Adam steps on 2,000
-    shuffled training digits (~2 s on CPU, ~89% test accuracy), and the correctly classified ones of 200 test digits
-    (176). Trained, not random: its robust accuracy at the budgets below lies between 10% and 60%."""
-    from pathlib import Path
-
-    data = np.load(Path(__file__).resolve().parents[1] / "advtrain" / "data" / "assets" / "mnist5k.npz")
-    x = F.avg_pool2d(torch.tensor(data["images"], dtype=torch.float32)[:, None] / 255, 2)
-    y = torch.tensor(data["labels"]).long()
-    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(196, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(150):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[:2000]), y[:2000]).backward()
-        optimizer.step()
-    model.eval()
-    xs, ys = x[4000:4200], y[4000:4200]
-    with torch.no_grad():
-        keep = model(xs).argmax(1) == ys
-    return model, xs[keep], ys[keep]
+def digits():
+    return digits_mlp()
 
 
 def _robust(model, adv, y) -> float:
@@ -268,7 +246,7 @@ def _robust(model, adv, y) -> float:
 
 
 @pytest.mark.parametrize("largereps,eps", [(False, 1.5), (True, 1.0)])
-def test_l1_apgd_is_as_strong_as_autoattacks(digits_mlp, largereps, eps):
+def test_l1_apgd_is_as_strong_as_autoattacks(digits, largereps, eps):
     """Robust accuracy of l1-APGD (100 steps) against AutoAttack's APGDAttack(norm='L1'), averaged over seeds 0-2.
 
     Measured over 8 seeds on this model (176 points): without use_largereps at ε = 1.5, ours 0.247 and AutoAttack's
@@ -282,7 +260,7 @@ def test_l1_apgd_is_as_strong_as_autoattacks(digits_mlp, largereps, eps):
     from pyautoattack.autopgd_base import APGDAttack
 
     assert pyautoattack is not None
-    model, x, y = digits_mlp
+    model, x, y = digits
     ours, theirs = [], []
     for seed in range(3):
         ours.append(
@@ -294,13 +272,13 @@ def test_l1_apgd_is_as_strong_as_autoattacks(digits_mlp, largereps, eps):
     assert np.mean(ours) <= np.mean(theirs) + 0.03, (ours, theirs)
 
 
-def test_apgd_t_is_as_strong_as_autoattacks(digits_mlp):
+def test_apgd_t_is_as_strong_as_autoattacks(digits):
     """APGD-T (9 targets, 100 steps, L∞ ε = 0.05) against AutoAttack's APGDAttack_targeted: no higher robust accuracy.
     Measured: 0.312 for both, seeds 0 and 1 (0.335 for untargeted APGD-DLR: the targets matter here)."""
     pytest.importorskip("pyautoattack")
     from pyautoattack.autopgd_base import APGDAttack_targeted
 
-    model, x, y = digits_mlp
+    model, x, y = digits
     ours = _robust(model, APGD(norm="linf", eps=0.05, steps=100, loss="dlr-targeted", seed=0)(model, x, y).adv, y)
     official = APGDAttack_targeted(model, norm="Linf", eps=0.05, n_iter=100, seed=0, device="cpu")
     theirs = _robust(model, official.perturb(x.clone(), y.clone()), y)
