@@ -293,7 +293,7 @@ class APGD(Attack):
       Measured on a small digits MLP (176 points, 8 seeds): identical robust accuracy on average without
       ``use_largereps`` (0.247 both at ε = 1.5); with it, 0.591 here against AutoAttack's 0.577 at ε = 1.0 (emulating
       its rounding noise here gives 0.575) and 0.305 against 0.295 at ε = 1.5; AutoAttack's L1 configurations
-      (APGD-CE with 5 restarts, APGD-T with 5 targets, both with ``use_largereps``) agree within one point.
+      (APGD-CE with 5 restarts, APGD-T with 5 targets, both with ``use_largereps``) agree to one of the 176 points.
     * EOT: AutoAttack averages the gradient only and takes the loss and the success test from the last of the
       ``eot_iter`` passes; here all three are means (the success test on the mean logits is the expected
       classifier's, which a single noisy pass can flip either way).
