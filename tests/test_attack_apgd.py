@@ -309,7 +309,7 @@ def test_model_state_is_restored_and_bad_inputs_raise():
 
 def test_registry():
     spec = list_attacks()["apgd"]
-    assert spec.kind is AttackKind.BUDGETED and spec.targeted and spec.stochastic and spec.norms == ("linf", "l2")
+    assert spec.kind is AttackKind.BUDGETED and spec.targeted and spec.stochastic and spec.norms == ("linf", "l2", "l1")
     attack = create_attack("apgd", norm="l2", eps=0.5, loss="dlr", steps=10)
     assert isinstance(attack, APGD) and attack.loss == "dlr" and attack.norm == "l2"
 

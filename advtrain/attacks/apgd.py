@@ -1,14 +1,19 @@
-"""Auto-PGD (APGD-CE, APGD-DLR and a targeted variant): PGD with momentum and a checkpointed step-size schedule.
+"""Auto-PGD: APGD-CE, APGD-DLR, APGD-T (targeted DLR over the top classes), l1-APGD, and EOT for randomized models.
 
-Reference:
+References:
     Croce & Hein, *Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
-    attacks*, ICML 2020 (Algorithm 1, Sec. 3.1-3.2).
+    attacks*, ICML 2020 (Algorithm 1, Sec. 3.1-3.3: APGD, the DLR loss, APGD-T).
+    Croce & Hein, *Mind the box: l1-APGD for sparse adversarial attacks on image classifiers*, ICML 2021 (l1-APGD:
+    the exact projection onto the ℓ1 ball ∩ box, the sparse step with adaptive sparsity, the ε schedule).
+    Athalye, Carlini & Wagner, *Obfuscated gradients give a false sense of security*, ICML 2018 (EOT).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -21,13 +26,17 @@ from advtrain.engine.losses import cross_entropy, dlr_loss
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
 from advtrain.errors import InvalidInputError
-from advtrain.threat.geometry import Geometry, geometry_for
-from advtrain.threat.norms import view_as_batch
+from advtrain.threat.geometry import Geometry, L1Geometry, geometry_for
+from advtrain.threat.norms import Norm, view_as_batch
+
+log = logging.getLogger(__name__)
 
 _PAPER = (
     "Croce & Hein, Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free "
-    "attacks, ICML 2020"
+    "attacks, ICML 2020; Croce & Hein, Mind the box: l1-APGD for sparse adversarial attacks on image classifiers, "
+    "ICML 2021"
 )
+_LOSSES = ("ce", "dlr", "dlr-targeted")
 
 
 def targeted_dlr_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
@@ -70,6 +79,13 @@ def _momentum_step(
     return geometry.project_ball_box(x, moved, eps)
 
 
+def _sparse_step(geometry: L1Geometry, x: Tensor, delta: Tensor, grad: Tensor, k: Tensor, eta: Tensor, eps: Tensor):
+    """l1-APGD's step (Croce & Hein 2021): δ ← Π(δ + η·u_k(∇)), u_k the sparse direction over the top-k coordinates
+    (:meth:`L1Geometry.sparse_ascent_direction`), Π the exact projection onto ℓ1 ball ∩ box."""
+    step = view_as_batch(eta, delta) * geometry.sparse_ascent_direction(grad, k)
+    return geometry.project_ball_box(x, delta + step, eps)
+
+
 def _checkpoint_fractions() -> list[float]:
     """p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), while p_j ≤ 1 (Sec. 3.2)."""
     fractions = [0.0, 0.22]
@@ -80,9 +96,129 @@ def _checkpoint_fractions() -> list[float]:
         fractions.append(nxt)
 
 
-@register_attack(AttackSpec("apgd", AttackKind.BUDGETED, ("linf", "l2"), targeted=True, stochastic=True, paper=_PAPER))
+def largereps_stages(steps: int) -> list[tuple[float, int]]:
+    """The ε schedule of ``use_largereps`` (Croce & Hein 2021): ``(factor, iterations)`` for 3ε, 2ε and ε over 30%,
+    30% and the remaining 40% of ``steps`` (⌈0.3·steps⌉ each for the first two, as AutoAttack rounds). For 100 steps:
+    ``[(3.0, 30), (2.0, 30), (1.0, 40)]``. The first two shrink where that would leave the last stage no iteration
+    (AutoAttack's code would run it with none: steps = 4 gives 1, 1, 2 here, 2, 2, 0 there).
+
+    Raises:
+        ValueError: for fewer than 3 steps.
+    """
+    if steps < 3:
+        raise ValueError(f"use_largereps needs steps >= 3 (one per stage), got steps={steps}.")
+    first = min(math.ceil(round(0.3 * steps, 9)), (steps - 1) // 2)
+    return [(3.0, first), (2.0, first), (1.0, steps - 2 * first)]
+
+
+@dataclass
+class _Call:
+    """What one attack call shares across its runs: the core, the loss and per-sample extras, and the outputs."""
+
+    core: AttackCore
+    eps: Tensor  # (B,) budgets
+    kind: str  # "ce", "dlr", "dlr-targeted" or "mixed"
+    extras: dict[str, Tensor]  # (B,) per-sample loss inputs: "clean" (targeted DLR), "dlr" (mixed), "target" (APGD-T)
+    best_delta: Tensor
+    best_loss: Tensor
+    success: Tensor
+    forward_rows: Tensor
+    backward_rows: Tensor
+
+
+class _HalvingSchedule:
+    """APGD's step and step-size rule for L∞ and L2 (Croce & Hein 2020, Algorithm 1 and Sec. 3.2): the momentum
+    step from η⁽⁰⁾ = 2ε, halved at the checkpoints w_j by the two conditions of :func:`halving_condition`."""
+
+    def __init__(self, rho: float, alpha: float, compile_step) -> None:
+        self.rho, self.alpha, self._step = rho, alpha, compile_step(_momentum_step)
+
+    @staticmethod
+    def checkpoints(steps: int) -> set[int]:
+        return {w for w in APGD.checkpoints(steps)[1:] if w < steps}
+
+    def start(self, s: ActiveSet, warm: bool) -> None:
+        n = len(s)
+        s["eta"] = 2.0 * s["eps"]
+        s["prev"] = s["delta"]
+        s["raises"] = torch.zeros(n, device=s["eps"].device)
+        s["reduced"] = torch.zeros(n, dtype=torch.bool, device=s["eps"].device)
+
+    def observe(self, s: ActiveSet, k: int, loss: Tensor) -> None:
+        if k == 0:
+            s["checkpoint_best"] = loss
+        else:
+            s["raises"] = s["raises"] + (loss > s["loss"]).float()
+
+    def checkpoint(self, s: ActiveSet, window: int) -> Tensor:
+        """Halves η where the conditions hold; returns where the run goes back to its best point."""
+        halve = halving_condition(s["raises"], window, self.rho, s["reduced"], s["run_best_loss"], s["checkpoint_best"])
+        s["eta"] = torch.where(halve, 0.5 * s["eta"], s["eta"])
+        s["reduced"] = halve
+        s["checkpoint_best"] = s["run_best_loss"]
+        s["raises"] = torch.zeros_like(s["raises"])
+        return halve
+
+    def step(self, geometry: Geometry, s: ActiveSet, k: int) -> None:
+        a = torch.tensor(1.0 if k == 0 else self.alpha, device=s["eta"].device)
+        s["prev"], s["delta"] = (
+            s["delta"],
+            self._step(geometry, s["x"], s["delta"], s["prev"], s.pop("grad"), s["eta"], s["eps"], a),
+        )
+
+
+class _SparseSchedule:
+    """l1-APGD's step and schedule (Croce & Hein 2021; details from AutoAttack's ``autopgd_base.py``): the sparse
+    step over the top-k coordinates from η⁽⁰⁾ = ε, no momentum; every max(⌊0.04·N⌋, 1) iterations the sparsity k
+    becomes ⌈‖δ_best‖₀ / 1.5⌉, and η is reset to ε (and the run goes back to its best point) where ‖δ_best‖₀ fell by
+    more than 5% since the last checkpoint, else divided by 1.5, within [ε/10, ε]. k starts at ⌈0.2·d⌉ (from a
+    warm start: ⌈‖δ⁽⁰⁾‖₀ / 1.5⌉)."""
+
+    def __init__(self, compile_step) -> None:
+        self._step = compile_step(_sparse_step)
+
+    @staticmethod
+    def checkpoints(steps: int) -> set[int]:
+        period = max(int(round(0.04 * steps, 9)), 1)
+        return set(range(period, steps, period))
+
+    @staticmethod
+    def _nonzeros(delta: Tensor) -> Tensor:
+        return (delta.flatten(1) != 0).sum(dim=1).float()
+
+    def start(self, s: ActiveSet, warm: bool) -> None:
+        dims = s["delta"][0].numel()
+        s["eta"] = s["eps"].clone()
+        if warm:
+            s["sparsity"] = self._nonzeros(s["delta"])
+            s["k"] = (s["sparsity"] / 1.5).ceil().clamp(1, dims)
+        else:
+            s["sparsity"] = torch.full_like(s["eps"], float(dims))
+            s["k"] = torch.full_like(s["eps"], float(max(math.ceil(round(0.2 * dims, 9)), 1)))
+
+    def observe(self, s: ActiveSet, k: int, loss: Tensor) -> None:
+        pass
+
+    def checkpoint(self, s: ActiveSet, window: int) -> Tensor:
+        dims = s["delta"][0].numel()
+        sparsity = self._nonzeros(s["run_best_delta"])
+        back = sparsity < 0.95 * s["sparsity"]
+        s["k"] = (sparsity / 1.5).ceil().clamp(1, dims)
+        eta = torch.where(back, s["eps"], s["eta"] / 1.5)
+        s["eta"] = torch.minimum(torch.maximum(eta, s["eps"] / 10.0), s["eps"])
+        s["sparsity"] = sparsity
+        return back
+
+    def step(self, geometry: Geometry, s: ActiveSet, k: int) -> None:
+        s["delta"] = self._step(geometry, s["x"], s["delta"], s.pop("grad"), s["k"], s["eta"], s["eps"])
+
+
+@register_attack(
+    AttackSpec("apgd", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER)
+)
 class APGD(Attack):
-    """Auto-PGD (Croce & Hein 2020, Algorithm 1): APGD-CE with ``loss="ce"``, APGD-DLR with ``loss="dlr"``.
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1): APGD-CE with ``loss="ce"``, APGD-DLR with ``loss="dlr"``, APGD-T with
+    ``loss="dlr-targeted"``; l1-APGD (Croce & Hein 2021) with ``norm="l1"``; EOT over ``eot_iter`` passes.
 
     From a random start x⁽⁰⁾ in the ball, each iteration takes a projected step along the geometry's steepest
     ascent direction (sign ∇ for L∞, ∇/‖∇‖₂ for L2) and mixes it with the previous move:
@@ -99,7 +235,27 @@ class APGD(Attack):
     The returned point per sample is the first point that fooled the model or, failing that, the largest-loss
     point seen over all restarts. Restarts re-attack, from fresh random starts, only the samples still standing.
 
-    Deviations from the paper and from AutoAttack's code (``autopgd_base.py``), and why:
+    **APGD-T** (``loss="dlr-targeted"``, Sec. 3.3 of the paper) keeps the untargeted contract: ``labels`` are the
+    true labels and success means misclassified. For t = 1, ..., ``n_target_classes`` it runs APGD on the targeted
+    DLR loss (:func:`targeted_dlr_loss`) towards each sample's t-th highest clean logit other than its label, with
+    ``restarts`` restarts, on the samples not fooled yet. A model with fewer than ``n_target_classes`` + 1 classes
+    gets its classes − 1 targets (logged once per attack, as AutoAttack's checks warn).
+
+    **l1-APGD** (``norm="l1"``, Croce & Hein 2021): the projection is the exact one onto ℓ1 ball ∩ box
+    (:meth:`L1Geometry.project_ball_box`); the step moves η/k along sign(∇) on the k coordinates with the largest
+    |∇| (:meth:`L1Geometry.sparse_ascent_direction`), without momentum, from η⁽⁰⁾ = ε; every max(⌊0.04·N⌋, 1)
+    iterations k becomes ‖δ_best‖₀ / 1.5 and η is reset to ε (going back to the best point) where ‖δ_best‖₀ fell by
+    more than 5%, else divided by 1.5 (within [ε/10, ε]). ``rho`` and ``alpha`` are not used. With
+    ``use_largereps=True`` the run is three stages at 3ε, 2ε and ε over 30%, 30% and 40% of the steps
+    (:func:`largereps_stages`), each starting, projected onto its smaller ball, from the previous stage's
+    largest-loss point with k = ‖δ⁽⁰⁾‖₀ / 1.5; only the last stage (inside the ε-ball) can fool.
+
+    **EOT** (``eot_iter`` > 1, Athalye et al. 2018): every gradient, every loss value the schedule compares and the
+    logits that decide success are the means over ``eot_iter`` forward (and backward) passes, all counted; for a
+    randomized model that is a gradient of the expected loss. The means are taken in float64, so a deterministic
+    model gives exactly the iterates and passes/``eot_iter`` of ``eot_iter=1``.
+
+    Deviations from the papers and from AutoAttack's code (``autopgd_base.py``), and why:
 
     * Early stopping: a sample leaves the batch as soon as it is fooled, so it stops costing passes. AutoAttack
       steps the whole batch to the end, but a sample's outcome is fixed at its first fooling iterate (it is
@@ -117,46 +273,73 @@ class APGD(Attack):
       before the restart.
     * Random start: the core's :meth:`Geometry.sample` (uniform in the L∞ cube; random direction times U(0,1)·ε
       for L2), where AutoAttack starts on the sphere of its norm. Both are valid random inits; the step size 2ε
-      makes the first step leave the start behind in either case.
+      makes the first step leave the start behind in either case. For L1 the start is AutoAttack's: the exact
+      projection of a standard normal vector onto ball ∩ box (:meth:`L1Geometry.sample_ball_box`).
     * Targeted (``targeted=True``, ``labels`` are targets): ``loss="ce"`` descends the cross-entropy to the
       target; ``loss="dlr"`` ascends the paper's targeted DLR loss (:func:`targeted_dlr_loss`), whose true
       class y is taken as the model's clean prediction (one extra forward pass), since the attack contract
-      passes targets only. For correctly classified inputs this is the true class. AutoAttack's APGD-T loop
-      over the top-9 target classes is left to the caller (one call per target).
+      passes targets only. For correctly classified inputs this is the true class.
+    * APGD-T ranks the targets once, from one clean forward pass (``eot_iter`` passes) of the whole batch, where
+      AutoAttack's code recomputes the clean logits of the remaining samples before every target (the same ranking
+      for a deterministic model); the targets are "highest other than the label" where AutoAttack takes the 2nd to
+      10th highest logits (the same for a correctly classified sample, the only ones it attacks). A sample not
+      fooled by any target returns its largest-loss point; AutoAttack returns the clean input.
+    * l1-APGD's step, schedule and sparsity rule (no momentum, the 4% checkpoint period, η⁽⁰⁾ = ε and the ε/10 floor,
+      the initial 20% sparsity, the ⌈0.3N⌉ stage lengths) are read from AutoAttack's code; k is kept as a number of
+      coordinates, ⌈‖δ‖₀ / 1.5⌉, which is what AutoAttack's fraction-and-sort indexing selects up to float rounding.
+    * l1-APGD's ‖δ‖₀ counts the exact zeros the projection leaves in δ. AutoAttack counts the non-zeros of
+      x_adv − x in float32, where the coordinates its projection zeroes come back as rounding noise on non-zero pixels
+      (on 14×14 digits: 24 counted for 10 true non-zeros at the start), so its k is larger and its steps denser.
+      Measured on a small digits MLP (176 points, 8 seeds): identical robust accuracy on average without
+      ``use_largereps`` (0.247 both at ε = 1.5); with it, 0.591 here against AutoAttack's 0.577 at ε = 1.0 (emulating
+      its rounding noise here gives 0.575) and 0.305 against 0.295 at ε = 1.5; AutoAttack's L1 configurations
+      (APGD-CE with 5 restarts, APGD-T with 5 targets, both with ``use_largereps``) agree to one of the 176 points.
+    * EOT: AutoAttack averages the gradient only and takes the loss and the success test from the last of the
+      ``eot_iter`` passes; here all three are means (the success test on the mean logits is the expected
+      classifier's, which a single noisy pass can flip either way).
 
     Fused calls: :meth:`call_fused` runs several calls of APGDs that differ only in their loss (APGD-CE and
     APGD-DLR) and ε as one call on their concatenated batches, each row ascending its own call's loss, with one
     model call per iteration for all of them; every row ends exactly as in its own call. The result's ``extra``
     holds the per-sample ``"forward_passes"`` and ``"backward_passes"`` (they sum to the call's counts), so that
-    the passes of a fused call can be attributed to its parts.
+    the passes of a fused call can be attributed to its parts. APGD-T does not fuse.
 
     Args:
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``.
         eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
         steps: iterations N (gradient evaluations per restart).
-        restarts: random restarts; later ones attack only the samples not yet fooled.
-        loss: ``"ce"`` (APGD-CE) or ``"dlr"`` (APGD-DLR; needs ≥ 3 classes, ≥ 4 when targeted).
-        rho: ρ, the fraction of loss-raising steps below which the step size is halved.
-        alpha: momentum weight α of the new step (1 − α goes to the previous move).
-        targeted: ``labels`` are targets to reach.
+        restarts: random restarts; later ones attack only the samples not yet fooled (for APGD-T: per target).
+        loss: ``"ce"`` (APGD-CE), ``"dlr"`` (APGD-DLR; needs ≥ 3 classes, ≥ 4 when targeted) or ``"dlr-targeted"``
+            (APGD-T; needs ≥ 4 classes and ``targeted=False``).
+        rho: ρ, the fraction of loss-raising steps below which the step size is halved (L∞, L2).
+        alpha: momentum weight α of the new step (1 − α goes to the previous move; L∞, L2).
+        targeted: ``labels`` are targets to reach (``loss="ce"`` or ``"dlr"``).
+        n_target_classes: APGD-T's number of target classes (AutoAttack: 9; 5 in its L1 version).
+        eot_iter: passes averaged per gradient (EOT; AutoAttack's ``rand`` version: 20).
+        use_largereps: l1-APGD's 3ε/2ε/ε schedule (``norm="l1"`` only; needs ``steps`` ≥ 3).
         autocast, compile, mode, seed: see :class:`Attack`.
 
     Example:
         >>> attack = APGD(norm="linf", eps=8 / 255, loss="dlr")  # doctest: +SKIP
         >>> robust = ~attack(model, images, labels).success  # doctest: +SKIP
+        >>> l1_apgd_t = APGD(norm="l1", eps=12.0, loss="dlr-targeted", n_target_classes=5,
+        ...                  use_largereps=True)  # doctest: +SKIP
     """
 
     def __init__(
         self,
         *,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Literal["linf", "l2", "l1"] = "linf",
         eps: float = 8 / 255,
         steps: int = 100,
         restarts: int = 1,
-        loss: Literal["ce", "dlr"] = "ce",
+        loss: Literal["ce", "dlr", "dlr-targeted"] = "ce",
         rho: float = 0.75,
         alpha: float = 0.75,
         targeted: bool = False,
+        n_target_classes: int = 9,
+        eot_iter: int = 1,
+        use_largereps: bool = False,
         autocast: Literal["bf16", "fp16"] | None = None,
         compile: bool = False,
         mode: Literal["eval", "train"] = "eval",
@@ -169,9 +352,20 @@ class APGD(Attack):
             raise ValueError(f"eps must be >= 0, got {eps}.")
         if not 0.0 <= rho <= 1.0 or not 0.0 < alpha <= 1.0:
             raise ValueError(f"rho must lie in [0, 1] and alpha in (0, 1], got rho={rho}, alpha={alpha}.")
-        if loss not in ("ce", "dlr"):
-            raise ValueError(f"Unknown loss {loss!r} for APGD; allowed values are 'ce', 'dlr'.")
+        if loss not in _LOSSES:
+            raise ValueError(f"Unknown loss {loss!r} for APGD; allowed values are {', '.join(map(repr, _LOSSES))}.")
+        if loss == "dlr-targeted" and targeted:
+            raise ValueError(
+                "loss='dlr-targeted' (APGD-T) takes the true labels and picks its own targets; it cannot be combined "
+                "with targeted=True (for given targets use loss='dlr', targeted=True)."
+            )
+        if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int) or n_target_classes < 1:
+            raise ValueError(f"n_target_classes must be an int >= 1, got {n_target_classes!r}.")
+        if isinstance(eot_iter, bool) or not isinstance(eot_iter, int) or eot_iter < 1:
+            raise ValueError(f"eot_iter must be an int >= 1, got {eot_iter!r}.")
         self.geometry = geometry_for(norm)
+        if use_largereps and self.geometry.norm is not Norm.L1:
+            raise ValueError(f"use_largereps is l1-APGD's ε schedule; it needs norm='l1', got norm={norm!r}.")
         self.norm = self.geometry.norm.value
         self.eps = float(eps)
         self.steps = int(steps)
@@ -180,6 +374,11 @@ class APGD(Attack):
         self.rho = float(rho)
         self.alpha = float(alpha)
         self.targeted = bool(targeted)
+        self.n_target_classes = n_target_classes
+        self.eot_iter = eot_iter
+        self.use_largereps = bool(use_largereps)
+        self._stages = largereps_stages(self.steps) if self.use_largereps else [(1.0, self.steps)]
+        self._warned_targets = False
 
     @staticmethod
     def checkpoints(steps: int) -> list[int]:
@@ -193,28 +392,37 @@ class APGD(Attack):
 
     def shares_passes_with(self, other: object) -> bool:
         """Whether ``other`` can run in one :meth:`call_fused` with this attack: an APGD with the same configuration
-        except, possibly, its loss and its default ``eps`` (a fused call passes every row's ε)."""
-        same = ("norm", "steps", "restarts", "rho", "alpha", "targeted", "autocast", "compile", "mode", "seed")
-        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in same)
+        except, possibly, its loss (``"ce"`` or ``"dlr"``; APGD-T does not fuse) and its default ``eps`` (a fused
+        call passes every row's ε)."""
+        same = ("norm", "steps", "restarts", "rho", "alpha", "targeted", "eot_iter", "use_largereps", "autocast",
+                "compile", "mode", "seed")  # fmt: skip
+        return (
+            type(other) is type(self)
+            and "dlr-targeted" not in (self.loss, other.loss)
+            and all(getattr(self, k) == getattr(other, k) for k in same)
+        )
 
     def _check_classes(self, num_classes: int, loss: str) -> None:
-        need = 4 if self.targeted else 3
-        if loss == "dlr" and num_classes < need:
+        need = 4 if self.targeted or loss == "dlr-targeted" else 3
+        if loss in ("dlr", "dlr-targeted") and num_classes < need:
+            name = "APGD-T" if loss == "dlr-targeted" else f"APGD-DLR{' (targeted)' if self.targeted else ''}"
             raise InvalidInputError(
-                f"APGD-DLR{' (targeted)' if self.targeted else ''} needs at least {need} classes (its denominator "
-                f"uses the {'3rd' if need == 3 else '4th'} largest logit), but the model has {num_classes}. Use "
-                "loss='ce' instead."
+                f"{name} needs at least {need} classes (its denominator uses the {'3rd' if need == 3 else '4th'} "
+                f"largest logit), but the model has {num_classes}. Use loss='ce' instead."
             )
 
     def _loss(self, logits: Tensor, state: ActiveSet, loss: str) -> Tensor:
-        """The per-sample loss to ascend for the active samples in ``state``: ``loss`` is ``"ce"``, ``"dlr"``, or
-        ``"mixed"`` (each row's own, DLR where ``state["dlr"]``; the other loss gets a zero gradient on that row)."""
+        """The per-sample loss to ascend for the active samples in ``state``: ``loss`` is ``"ce"``, ``"dlr"``,
+        ``"dlr-targeted"`` (towards ``state["target"]``) or ``"mixed"`` (each row's own, DLR where ``state["dlr"]``;
+        the other loss gets a zero gradient on that row)."""
         if loss == "mixed":
             return torch.where(state["dlr"], self._loss(logits, state, "dlr"), self._loss(logits, state, "ce"))
         self._check_classes(logits.shape[1], loss)
         if loss == "ce":
             ce = cross_entropy(logits, state["y"])
             return -ce if self.targeted else ce
+        if loss == "dlr-targeted":
+            return targeted_dlr_loss(logits, state["y"], state["target"])
         if self.targeted:
             return targeted_dlr_loss(logits, state["clean"], state["y"])
         return dlr_loss(logits, state["y"])
@@ -283,91 +491,138 @@ class APGD(Attack):
         losses = {loss for loss, n, _ in segments if n > 0}
         kind = losses.pop() if len(losses) == 1 else "mixed"
         dlr = torch.cat([torch.full((n,), loss == "dlr", device=device) for loss, n, _ in segments])
-        forward_rows = torch.zeros(batch, dtype=torch.long, device=device)
-        backward_rows = torch.zeros_like(forward_rows)
-
-        clean_pred = None
+        call = _Call(
+            core, eps_t, kind, {}, best_delta=torch.zeros_like(x, dtype=torch.float32),
+            best_loss=torch.full((batch,), float("-inf"), device=device),
+            success=torch.zeros(batch, dtype=torch.bool, device=device),
+            forward_rows=torch.zeros(batch, dtype=torch.long, device=device),
+            backward_rows=torch.zeros(batch, dtype=torch.long, device=device),
+        )  # fmt: skip
+        if kind == "mixed":
+            call.extras["dlr"] = dlr
         if self.targeted and kind != "ce" and bool(dlr.any()):
             rows = dlr.nonzero().squeeze(1)
-            clean_logits = core.forward(x[rows])
+            clean_logits = self._clean_logits(call, rows)
             self._check_classes(clean_logits.shape[1], "dlr")
-            clean_pred = core.y.clone()  # CE rows never read it
-            clean_pred[rows] = clean_logits.argmax(dim=1)
-            forward_rows[rows] += 1
+            call.extras["clean"] = core.y.clone()  # CE rows never read it
+            call.extras["clean"][rows] = clean_logits.argmax(dim=1)
 
-        best_delta = torch.zeros_like(x, dtype=torch.float32)
-        best_loss = torch.full((batch,), float("-inf"), device=device)
-        success = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(self.restarts):
-            idx = (~success).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            # Each segment draws its random starts from its own generator, as its own call would.
-            segment = torch.bucketize(idx, bounds[1:], right=True)
-            start = torch.cat([
-                self.geometry.sample(core.x32[part], eps_t[part], generator)
-                for s, (_, _, generator) in enumerate(segments)
-                if (part := idx[segment == s]).numel()
-            ])  # fmt: skip
-            self._single_run(core, clean_pred, eps_t, idx, start, kind, dlr, best_delta, best_loss, success,
-                             (forward_rows, backward_rows))  # fmt: skip
-        extra = {"forward_passes": forward_rows, "backward_passes": backward_rows}
-        return core.result(x + best_delta.to(x.dtype), success, self.geometry.measure, extra)
+        targets = self._target_classes(call) if kind == "dlr-targeted" else [None]
+        first_eps = eps_t * self._stages[0][0]
+        for target in targets:
+            if target is not None:
+                call.extras["target"] = target
+            for _ in range(self.restarts):
+                idx = (~call.success).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                # Each segment draws its random starts from its own generator, as its own call would.
+                segment = torch.bucketize(idx, bounds[1:], right=True)
+                start = torch.cat([
+                    self.geometry.sample_ball_box(core.x32[part], first_eps[part], generator)
+                    for s, (_, _, generator) in enumerate(segments)
+                    if (part := idx[segment == s]).numel()
+                ])  # fmt: skip
+                for number, (factor, steps) in enumerate(self._stages):
+                    final = number == len(self._stages) - 1
+                    start = self._single_run(call, idx, start, eps_t[idx] * factor, steps, final)
+        extra = {"forward_passes": call.forward_rows, "backward_passes": call.backward_rows}
+        return core.result(x + call.best_delta.to(x.dtype), call.success, self.geometry.measure, extra)
+
+    def _clean_logits(self, call: _Call, rows: Tensor) -> Tensor:
+        """The (EOT-mean) logits of the clean inputs ``rows``, passes counted."""
+        logits = self._mean(lambda: (call.core.forward(call.core.x[rows]),))[0]
+        call.forward_rows[rows] += self.eot_iter
+        return logits
+
+    def _target_classes(self, call: _Call) -> list[Tensor]:
+        """APGD-T's targets: per sample, its classes other than the label by decreasing clean logit, the first
+        ``n_target_classes`` of them (fewer when the model has fewer classes: logged once)."""
+        everyone = torch.arange(call.core.batch, device=call.core.device)
+        logits = self._clean_logits(call, everyone)
+        classes = logits.shape[1]
+        self._check_classes(classes, "dlr-targeted")
+        count = min(self.n_target_classes, classes - 1)
+        if count < self.n_target_classes and not self._warned_targets:
+            log.warning("APGD-T: n_target_classes=%d, but the model has %d classes, so only its %d other classes are "
+                        "targets; pass n_target_classes=%d to silence this.", self.n_target_classes, classes, count,
+                        count)  # fmt: skip
+            self._warned_targets = True
+        others = logits.scatter(1, call.core.y[:, None], float("-inf"))
+        ranked = others.argsort(dim=1, descending=True)
+        return [ranked[:, t] for t in range(count)]
+
+    def _mean(self, evaluate) -> tuple[Tensor | None, ...]:
+        """``evaluate()`` (a tuple of tensors or ``None``) averaged over ``eot_iter`` calls, in float64 so that equal
+        passes give back exactly their value; a single call is returned as is."""
+        if self.eot_iter == 1:
+            return evaluate()
+        total = None
+        for _ in range(self.eot_iter):
+            parts = [None if t is None else t.double() for t in evaluate()]
+            total = (
+                parts if total is None else [None if a is None else a + b for a, b in zip(total, parts, strict=True)]
+            )
+        return tuple(None if t is None else (t / self.eot_iter).float() for t in total)
+
+    def _evaluate(self, call: _Call, s: ActiveSet, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits, loss and (``with_grad``) gradient at the active samples' iterates, EOT-averaged."""
+        core = call.core
+
+        def once() -> tuple[Tensor, Tensor, Tensor | None]:
+            if with_grad:
+                logits, loss, grad, _ = core.value_and_grad(
+                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s, call.kind)
+                )
+                return logits, loss, grad
+            logits = core.forward(s["x"] + s["delta"])
+            return logits, self._loss(logits, s, call.kind), None
+
+        return self._mean(once)
 
     def _single_run(
-        self,
-        core: AttackCore,
-        clean_pred: Tensor | None,
-        eps: Tensor,
-        idx: Tensor,
-        start: Tensor,
-        loss_kind: str,
-        dlr: Tensor,
-        best_delta: Tensor,
-        best_loss: Tensor,
-        success: Tensor,
-        passes: tuple[Tensor, Tensor],
-    ) -> None:
-        """One APGD run on the samples ``idx`` from the random points ``start``; writes fooled points and best-loss
-        points into the outputs, and each sample's forward and backward passes into ``passes``."""
-        geometry, steps = self.geometry, self.steps
-        checkpoints = [w for w in self.checkpoints(steps)[1:] if w < steps]
+        self, call: _Call, idx: Tensor, start: Tensor, eps: Tensor, steps: int, final: bool
+    ) -> Tensor | None:
+        """One APGD run of ``steps`` iterations on the samples ``idx`` from the points ``start`` in budgets ``eps``.
+
+        A ``final`` run (every run but the first two stages of ``use_largereps``) writes fooled points and best-loss
+        points into ``call``, and its fooled samples leave as they are found; an earlier stage fools nothing (its ball
+        is larger than the budget) and returns its largest-loss points, the next stage's start. Passes are counted
+        into ``call`` either way.
+        """
+        geometry, core, eot = self.geometry, call.core, self.eot_iter
+        schedule = (
+            _SparseSchedule(core.step)
+            if isinstance(geometry, L1Geometry)
+            else _HalvingSchedule(self.rho, self.alpha, core.step)
+        )
+        checkpoints = schedule.checkpoints(steps)
         previous_checkpoint = [0]
-        momentum = core.step(_momentum_step)
         x = core.x32[idx]
         n = idx.numel()
-        delta = geometry.project_ball_box(x, start, eps[idx])
+        delta = geometry.project_ball_box(x, start, eps)
         # Per-sample state of the active samples; the core compacts it whenever samples get fooled.
         s = ActiveSet(
-            idx, x=x, y=core.y[idx], eps=eps[idx], delta=delta, prev=delta, eta=2.0 * eps[idx],
+            idx, x=x, y=core.y[idx], eps=eps, delta=delta,
             run_best_loss=torch.full((n,), float("-inf"), device=x.device), run_best_delta=delta.clone(),
-            run_best_grad=torch.zeros_like(delta), raises=torch.zeros(n, device=x.device),
-            reduced=torch.zeros(n, dtype=torch.bool, device=x.device),
+            run_best_grad=torch.zeros_like(delta), **{k: v[idx] for k, v in call.extras.items()},
         )  # fmt: skip
-        if clean_pred is not None:
-            s["clean"] = clean_pred[idx]
-        if loss_kind == "mixed":
-            s["dlr"] = dlr[idx]
-        forward_rows, backward_rows = passes
+        schedule.start(s, warm=self.use_largereps)
 
         def body(k: int, s: ActiveSet) -> Tensor | None:
             last = k == steps  # the final iterate is only scored: no gradient, no step
-            if last:
-                logits = core.forward(s["x"] + s["delta"])
-                loss = self._loss(logits, s, loss_kind)
-            else:
-                logits, loss, s["grad"], _ = core.value_and_grad(
-                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s, loss_kind)
-                )
+            logits, loss, grad = self._evaluate(call, s, with_grad=not last)
+            if not last:
+                s["grad"] = grad
             fooled = core.fooled(logits, s.index)
             # Fooled samples leave with their first fooling point; the one host sync of the iteration.
-            if bool(fooled.any()):
+            if final and bool(fooled.any()):
                 done = s.index[fooled]
-                forward_rows[done] += k + 1
-                backward_rows[done] += min(k + 1, steps)
-                best_delta[done] = s["delta"][fooled]
-                best_loss[done] = loss[fooled]
-                success[done] = True
+                call.forward_rows[done] += (k + 1) * eot
+                call.backward_rows[done] += min(k + 1, steps) * eot
+                call.best_delta[done] = s["delta"][fooled]
+                call.best_loss[done] = loss[fooled]
+                call.success[done] = True
                 s.keep(~fooled)
                 loss = loss[~fooled]
                 if len(s) == 0:
@@ -378,42 +633,31 @@ class APGD(Attack):
             s["run_best_delta"] = torch.where(improved, s["delta"], s["run_best_delta"])
             if not last:
                 s["run_best_grad"] = torch.where(improved, s["grad"], s["run_best_grad"])
-            if k == 0:
-                s["checkpoint_best"] = loss
-            else:
-                s["raises"] = s["raises"] + (loss > s["loss"]).float()
+            schedule.observe(s, k, loss)
             s["run_best_loss"] = torch.maximum(loss, s["run_best_loss"])
             s["loss"] = loss
             if last:
                 return None
 
             if k in checkpoints:
-                halve = halving_condition(
-                    s["raises"], k - previous_checkpoint[0], self.rho, s["reduced"], s["run_best_loss"],
-                    s["checkpoint_best"],
-                )  # fmt: skip
-                s["eta"] = torch.where(halve, 0.5 * s["eta"], s["eta"])
-                back = view_as_batch(halve, s["delta"])
-                s["delta"] = torch.where(back, s["run_best_delta"], s["delta"])
-                s["grad"] = torch.where(back, s["run_best_grad"], s["grad"])
-                s["loss"] = torch.where(halve, s["run_best_loss"], s["loss"])
-                s["reduced"] = halve
-                s["checkpoint_best"] = s["run_best_loss"]
-                s["raises"] = torch.zeros_like(s["raises"])
+                back = schedule.checkpoint(s, k - previous_checkpoint[0])
+                rows = view_as_batch(back, s["delta"])
+                s["delta"] = torch.where(rows, s["run_best_delta"], s["delta"])
+                s["grad"] = torch.where(rows, s["run_best_grad"], s["grad"])
+                s["loss"] = torch.where(back, s["run_best_loss"], s["loss"])
                 previous_checkpoint[0] = k
 
-            a = torch.tensor(1.0 if k == 0 else self.alpha, device=x.device)
-            s["prev"], s["delta"] = (
-                s["delta"],
-                momentum(geometry, s["x"], s["delta"], s["prev"], s.pop("grad"), s["eta"], s["eps"], a),
-            )
+            schedule.step(geometry, s, k)
             return None
 
         core.loop(s, steps + 1, body)
-        forward_rows[s.index] += steps + 1
-        backward_rows[s.index] += steps
+        call.forward_rows[s.index] += (steps + 1) * eot
+        call.backward_rows[s.index] += steps * eot
+        if not final:
+            return s["run_best_delta"]  # nobody left: the rows are still those of idx
         # Samples still standing: keep this run's best-loss point if it beats earlier restarts.
-        better = s["run_best_loss"] > best_loss[s.index]
+        better = s["run_best_loss"] > call.best_loss[s.index]
         upd = s.index[better]
-        best_delta[upd] = s["run_best_delta"][better]
-        best_loss[upd] = s["run_best_loss"][better]
+        call.best_delta[upd] = s["run_best_delta"][better]
+        call.best_loss[upd] = s["run_best_loss"][better]
+        return None

@@ -3,10 +3,13 @@
 Reference:
     Andriushchenko, Croce, Flammarion and Hein, *Square Attack: a query-efficient black-box adversarial attack via
     random search*, ECCV 2020 (Algorithm 1; Algorithm 2 and Sec. 3.1 for L∞; Algorithm 3, Eq. (5) and Sec. 3.2 for L2).
+    Croce & Hein, *Mind the box: l1-APGD for sparse adversarial attacks on image classifiers*, ICML 2021 (the L1
+    version).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -57,7 +60,7 @@ def square_pattern(side: int, transpose: bool, device=None) -> Tensor:
 
 
 @register_attack(
-    AttackSpec("square", AttackKind.BUDGETED, ("linf", "l2"), targeted=True, stochastic=True, paper=_PAPER)
+    AttackSpec("square", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER)
 )
 class Square(Attack):
     """Square attack (Andriushchenko et al. 2020): gradient-free random search on the margin loss.
@@ -84,10 +87,13 @@ class Square(Attack):
     window per batch); a candidate whose window does not change after box clipping is not resampled (it simply
     costs a query); the L2 window side is at least 2 so that both halves of η* exist.
 
+    L1 (Croce & Hein 2021's version for l1-AutoAttack) has its own initialisation and update, with windows of odd side
+    ≥ 3 and the exact projection onto ℓ1 ball ∩ box: see :meth:`_l1_init` and :meth:`_l1_update`.
+
     Cost: one forward pass per active sample per iteration (plus the initial one), no backward pass.
 
     Args:
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (see :meth:`_l1_update`).
         eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
         steps: random-search iterations (queries after the initial one) per restart; AutoAttack uses 5000.
         p_init: initial fraction of pixels changed per update (0.8 in AutoAttack; the paper uses 0.05 on ImageNet).
@@ -105,7 +111,7 @@ class Square(Attack):
     def __init__(
         self,
         *,
-        norm: Literal["linf", "l2"] = "linf",
+        norm: Literal["linf", "l2", "l1"] = "linf",
         eps: float = 8 / 255,
         steps: int = 5000,
         p_init: float = 0.8,
@@ -162,7 +168,8 @@ class Square(Attack):
             active = ActiveSet(idx[keep], x=xs[keep], eps=es[keep], delta=delta[keep], loss=loss[keep])
 
             def body(i: int, a: ActiveSet) -> Tensor:
-                update = self._linf_update if self.geometry.norm is Norm.LINF else self._l2_update
+                update = {Norm.LINF: self._linf_update, Norm.L2: self._l2_update,
+                          Norm.L1: functools.partial(self._l1_update, a["x"])}[self.geometry.norm]  # fmt: skip
                 candidate = clip(a["x"], update(a["delta"], a["eps"], self.side(i, height, width), generator))
                 new_loss, new_fooled = self._query(core, a["x"], candidate, a.index)
                 accept = (new_loss < a["loss"]) | new_fooled
@@ -200,6 +207,8 @@ class Square(Attack):
         best["success"][upd] = fooled[better]
 
     def _init(self, xs: Tensor, eps: Tensor, generator) -> Tensor:
+        if self.geometry.norm is Norm.L1:
+            return self._l1_init(xs, eps, generator)
         n, channels, height, width = xs.shape
         if self.geometry.norm is Norm.LINF:
             signs = self._signs((n, channels, 1, width), xs.device, generator)
@@ -254,3 +263,75 @@ class Square(Attack):
         available = (per_channel(delta * union) ** 2 + view_as_batch(unused, delta) / channels).sqrt()
         moved = direction / per_channel(direction).clamp_min(_TINY) * available
         return torch.where(union, torch.where(w1, moved, torch.zeros_like(delta)), delta)
+
+    # --- L1 (Croce & Hein 2021, Sec. 5: the Square Attack adapted to ℓ1 ∩ box for l1-AutoAttack) --------------------
+
+    def _l1_init(self, xs: Tensor, eps: Tensor, generator) -> Tensor:
+        """L1 start: tiles of side ⌊h/5⌋ from the offset ⌊(h − 5⌊h/5⌋)/2⌋, each the ℓ1 pattern
+        (:func:`l1_square_pattern`) with a random sign per (tile, channel), projected exactly onto ℓ1 ball ∩ box
+        (AutoAttack's L1 init)."""
+        n, channels, height, width = xs.shape
+        tile = max(height // 5, 1)
+        offset = (height - 5 * tile) // 2
+        rows = torch.arange(height, device=xs.device) - offset
+        cols = torch.arange(width, device=xs.device) - offset
+        inside = ((rows >= 0) & (rows < (height // tile) * tile))[:, None] & (
+            (cols >= 0) & (cols < (width // tile) * tile)
+        )
+        pattern = l1_square_pattern(tile, False, xs.device)
+        values = pattern[rows.remainder(tile)[:, None], cols.remainder(tile)[None, :]]
+        signs = self._signs((n, channels, height // tile, width // tile), xs.device, generator)
+        tile_r = rows.div(tile, rounding_mode="floor").clamp(0, height // tile - 1)
+        tile_c = cols.div(tile, rounding_mode="floor").clamp(0, width // tile - 1)
+        delta = signs[:, :, tile_r[:, None], tile_c[None, :]] * torch.where(inside, values, torch.zeros_like(values))
+        return self.geometry.project_ball_box(xs, delta, eps)
+
+    def _l1_update(self, x: Tensor, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+        """The L1 update (Croce & Hein 2021; details from AutoAttack's ``square.py``): an odd window side of at least 3;
+        windows W1 and W2; per channel, δ on W1 becomes ±η_ℓ1 (:func:`l1_square_pattern`, random sign per channel) plus
+        W1's current content (each of unit ℓ1 norm), rescaled to the channel's ℓ1 mass on W1 ∪ W2 plus its share of the
+        unused budget, times the number of channels as AutoAttack's code has it; W2 is zeroed; then the exact projection
+        onto ℓ1 ball ∩ box (the over-full window is shrunk back with everything else). AutoAttack projects onto the ball
+        of radius ε·(1 − 10⁻⁶); here onto ε, which the projection meets up to float rounding."""
+        n, channels, height, width = delta.shape
+        device = delta.device
+        side = max(h, 3)
+        side = min(side + 1 if side % 2 == 0 else side, height, width)
+        w1, r, s = self._window(n, side, height, width, device, generator)
+        w2, _, _ = self._window(n, side, height, width, device, generator)
+        transpose = bool(torch.randint(0, 2, (1,), device=device, generator=generator))
+        canvas = torch.zeros(n, height, width, device=device)
+        span = torch.arange(side, device=device)
+        canvas[torch.arange(n, device=device)[:, None, None], (r[:, None] + span)[:, :, None],
+               (s[:, None] + span)[:, None, :]] = l1_square_pattern(side, transpose, device)  # fmt: skip
+        rho = self._signs((n, channels, 1, 1), device, generator)
+        l1 = lambda t: t.abs().flatten(2).sum(dim=2)[..., None, None]  # noqa: E731 - (n, C, 1, 1) per-channel ℓ1
+        on_w1 = delta * w1
+        direction = rho * canvas[:, None] + on_w1 / (l1(on_w1) + _TINY)
+        unused = (eps - flat_norm(delta, 1.0)).clamp_min(0.0)
+        mass = (view_as_batch(unused, delta) / channels + l1(delta * (w1 | w2))) * channels
+        moved = direction / (l1(direction) + _TINY) * mass
+        candidate = torch.where(w1 | w2, torch.where(w1, moved, torch.zeros_like(delta)), delta)
+        return self.geometry.project_ball_box(x, candidate, eps)
+
+
+def l1_square_pattern(side: int, transpose: bool, device=None) -> Tensor:
+    """η of the L1 Square Attack (AutoAttack's ``eta`` for L1): the top ⌊side/2⌋ rows and the other rows carry
+    concentric rectangles around their centres, ring k adding 1/(k+1)⁴ (sharper than L2's 1/(k+1)²), with opposite
+    signs; optionally transposed; unit ℓ1 norm."""
+
+    def rings(rows: int, cols: int) -> Tensor:
+        if rows == 0 or cols == 0:
+            return torch.zeros(rows, cols, device=device)
+        count = max(rows // 2 + 1, cols // 2 + 1)
+        ring = torch.maximum(
+            (torch.arange(rows, device=device) - rows // 2).abs()[:, None],
+            (torch.arange(cols, device=device) - cols // 2).abs()[None, :],
+        )
+        weights = 1.0 / torch.arange(1, count + 1, device=device, dtype=torch.float32) ** 4
+        return weights.flip(0).cumsum(0).flip(0)[ring.clamp_max(count - 1)]
+
+    eta = torch.cat([rings(side // 2, side), -rings(side - side // 2, side)], dim=0)
+    if transpose:
+        eta = eta.T
+    return eta / eta.abs().sum().clamp_min(_TINY)

@@ -5,11 +5,12 @@ once, at the boundary, into a :class:`Norm` and then into a :class:`Geometry` ob
 norm-specific math; attacks and maximizers call those methods and never look at the norm again.
 """
 
-from advtrain.threat.geometry import Geometry, L2Geometry, LinfGeometry, geometry_for
+from advtrain.threat.geometry import Geometry, L1Geometry, L2Geometry, LinfGeometry, geometry_for
 from advtrain.threat.norms import Norm, as_eps_tensor, clip_to_box, flat_norm
 
 __all__ = [
     "Geometry",
+    "L1Geometry",
     "L2Geometry",
     "LinfGeometry",
     "Norm",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import typing
 from enum import Enum
 from fractions import Fraction
 
@@ -78,20 +79,22 @@ def parse_budget(eps: object, norm: str | Norm | None, name: str = "eps") -> flo
 
 def checks_budget_arguments(cls: type) -> None:
     """Makes ``cls.__init__`` pass its ``eps`` argument through :func:`parse_budget` (with the call's ``norm``, or
-    the signature's default) before the body runs. Called from ``__init_subclass__`` of the attack and maximizer
-    bases, so every subclass parses its budget at the boundary; the signature is kept (``functools.wraps``) for
-    jsonargparse and ``repr``."""
+    the signature's default), and check a given ``norm`` against the ``Literal`` of its signature, before the body
+    runs. Called from ``__init_subclass__`` of the attack and maximizer bases, so every subclass parses its budget
+    and norm at the boundary; the signature is kept (``functools.wraps``) for jsonargparse and ``repr``."""
     init = cls.__dict__.get("__init__")
     if init is None or getattr(init, "_checks_budget", False):
         return
     params = inspect.signature(init).parameters
-    if "eps" not in params:
+    if "eps" not in params and "norm" not in params:
         return
     default_norm = params["norm"].default if "norm" in params else None
     default_norm = None if default_norm is inspect.Parameter.empty else default_norm
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):  # noqa: N807
+        if "norm" in kwargs:
+            _check_declared_norm(init, kwargs["norm"], type(self).__name__)
         if "eps" in kwargs:
             norm = kwargs.get("norm", default_norm)
             if "norm" not in params:  # one-norm classes (FGSM, DDN): the norm of their registry spec
@@ -102,6 +105,26 @@ def checks_budget_arguments(cls: type) -> None:
 
     __init__._checks_budget = True
     cls.__init__ = __init__
+
+
+@functools.cache
+def _declared_norms(init) -> tuple[str, ...] | None:
+    try:
+        hint = typing.get_type_hints(init).get("norm")
+    except (NameError, TypeError):
+        return None
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def _check_declared_norm(init, norm: object, owner: str) -> None:
+    """Refuses a norm outside the ``Literal`` of ``init``'s ``norm`` parameter: a geometry existing for a norm (L1)
+    does not make every attack or maximizer correct or tested for it. Annotations that are not a ``Literal`` (or
+    cannot be resolved) are not checked."""
+    allowed = _declared_norms(init)
+    if allowed is not None and Norm.parse(norm).value not in allowed:
+        raise InvalidConfigError(
+            f"{owner} does not support norm={norm!r}; allowed values are {', '.join(repr(a) for a in allowed)}."
+        )
 
 
 def flat_norm(t: Tensor, p: float) -> Tensor:
