@@ -195,7 +195,8 @@ class AdvTrainer(pl.Trainer):
         output: str | None = None,
         trust_checkpoint: bool = False,
         progress: bool = True,
-        suite: Literal["quick", "standard", "full"] | None = None,
+        suite: Literal["quick", "apgd", "autoattack", "standard", "autoattack-plus", "autoattack-rand", "full"]
+        | None = None,
         eps_grid: list[float] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
         cascade: bool = True,
@@ -208,6 +209,7 @@ class AdvTrainer(pl.Trainer):
         resume: bool = False,
         plots: bool = True,
         overwrite: bool = False,
+        adaptive: bool | None = None,
     ) -> dict[str, Any]:
         """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
         attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
@@ -231,7 +233,9 @@ class AdvTrainer(pl.Trainer):
             output: folder for the report (default: next to the checkpoint, ``<ckpt>-eval``).
             trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
             progress: show a progress bar.
-            suite: ``quick`` (PGD-20), ``standard`` (APGD-CE + APGD-DLR) or ``full`` (the whole zoo).
+            suite: ``quick`` (PGD-20), ``apgd`` (APGD-CE + APGD-DLR), ``autoattack`` (AutoAttack's standard version:
+                APGD-CE, APGD-T, FAB-T, Square-5000; ``standard`` is another name for it), ``autoattack-plus``,
+                ``autoattack-rand`` (EOT, for randomized models) or ``full`` (the whole zoo, AutoAttack included).
             eps_grid: budgets of the accuracy-versus-ε curves (default with a suite: ε·(1/4, 1/2, 3/4, 1)).
             overrides: per-attack hyperparameters of the suite, e.g. ``{"square": {"steps": 200}}``.
             cascade: budgeted attacks only attack the samples still robust.
@@ -246,6 +250,10 @@ class AdvTrainer(pl.Trainer):
             resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
             plots: write the PNG plots.
             overwrite: replace the report an earlier run left in ``output`` (without it, such a run is refused).
+            adaptive: when a gradient-masking check fires, attack the samples still robust again (more Square
+                queries and restarts, a transfer attack from a smoothed surrogate, EOT for random outputs) instead of
+                only warning; default: on for ``autoattack``/``standard`` and ``full``. The report says what fired,
+                what ran and what it changed.
 
         The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
         ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
@@ -301,11 +309,16 @@ class AdvTrainer(pl.Trainer):
         device = _device(self)
         meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device),
                 "suite": suite}  # fmt: skip
+        if suite is not None:
+            from advtrain.evaluation.suites import suite_note
+
+            meta["suite_note"] = suite_note(suite)
         report = evaluate_robustness(
             model.model if isinstance(model, AdversarialTraining) else model, loader, named or entries, norm=norm,
             eps=eps, eps_grid=eps_grid, cascade=cascade, fuse=fuse, max_fused_batch=max_fused_batch,
             batch_size=batch_size, device=device,
             max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
+            adaptive=adaptive,
         )  # fmt: skip
         data = report.as_dict()
         if not self.is_global_zero:

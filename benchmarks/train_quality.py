@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--test-samples", type=int, default=200)
-    parser.add_argument("--suite", default="full", choices=["quick", "standard", "full"])
+    parser.add_argument("--suite", default="full", choices=["quick", "apgd", "autoattack", "standard", "full"])
     parser.add_argument("--advtrain-args", default="", help="extra flags for advtrain fit, one string")
     parser.add_argument("--tag", default="", help="label of the advtrain row (what --advtrain-args changes)")
     parser.add_argument("--out", default=str(RESULTS / "train_quality"))

@@ -74,7 +74,7 @@ def main() -> None:
 
     # Untimed warm-up of every code path (lazy imports, kernel choice, the heap's growth) on a few samples.
     for options in MODES.values():
-        entries = build_suite("standard", norm=args.norm, eps=eps, overrides={"apgd-ce": {"steps": 5},
+        entries = build_suite("apgd", norm=args.norm, eps=eps, overrides={"apgd-ce": {"steps": 5},
                                                                                 "apgd-dlr": {"steps": 5}})  # fmt: skip
         evaluate_robustness(model, TensorDataset(x[:16], y[:16]), entries, norm=args.norm, eps=eps,
                             eps_grid=args.eps_grid, batch_size=8, device=device, progress=False, **options)  # fmt: skip

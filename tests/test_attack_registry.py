@@ -25,6 +25,8 @@ FAST: dict[str, dict] = {
     "fab": {"steps": 5},
     "tr": {"steps": 5},
     "strattack": {"steps": 5, "binary_search_steps": 1, "refine_steps": 5, "refine_search_steps": 1},
+    "transfer": {"steps": 5, "samples": 2},
+    "square": {"steps": 30},
 }
 BUDGET = {"linf": 0.1, "l2": 0.5}
 

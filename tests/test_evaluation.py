@@ -262,7 +262,9 @@ def test_suites_respect_the_threat_norm():
     assert {"cw_l2", "ddn", "strattack", "fgm"}.isdisjoint(linf) and "fgsm" in linf and "square" in linf
     assert {"cw_l2", "ddn", "strattack", "fgm", "square", "deepfool", "tr", "anpgd"} <= l2 and "fgsm" not in l2
     assert [e.name for e in build_suite("quick", norm="linf", eps=0.3)] == ["pgd20"]
-    assert [e.name for e in build_suite("standard", norm="l2", eps=0.5)] == ["apgd-ce", "apgd-dlr"]
+    assert [e.name for e in build_suite("apgd", norm="l2", eps=0.5)] == ["apgd-ce", "apgd-dlr"]
+    l1 = {e.name for e in build_suite("full", norm="l1", eps=12.0)}
+    assert l1 == {"fab", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"}
     with pytest.raises(ValueError, match="Unknown suite"):
         build_suite("fastest", norm="linf", eps=0.3)
 

@@ -117,7 +117,7 @@ def _evaluate(checkpoint: Path, *args: str, cwd: Path):
         (["--eps_grid", "[0.1, -0.2]"], ["eps_grid[1]", "-0.2", ">= 0"]),
         (["--max_samples", "0"], ["max_samples must be >= 1", "got 0"]),
         (["--batch_size", "0"], ["batch_size must be >= 1", "got 0"]),
-        (["--suite", "standard", "--overrides", "{apgd_ce: {steps: 3}}"], ["'apgd_ce' is not", "apgd-ce, apgd-dlr"]),
+        (["--suite", "apgd", "--overrides", "{apgd_ce: {steps: 3}}"], ["'apgd_ce' is not", "apgd-ce, apgd-dlr"]),
         (["--suite", "quick", "--overrides", "{pgd20: {stepz: 3}}"], ["pgd20 has no hyperparameter 'stepz'"]),
         (["--norm", "l2"], ["--norm l2 differs", "linf, eps=0.3", "pass --eps"]),
         (["--eps", "2"], ["eps=2.0 with norm 'linf' exceeds 1"]),

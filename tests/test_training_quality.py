@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 EPOCHS = 4
-# Measured with benchmarks/train_quality.py at these settings (--epochs 4 --suite standard, seed 0), APGD-CE: the plain
+# Measured with benchmarks/train_quality.py at these settings (--epochs 4 --suite apgd, seed 0), APGD-CE: the plain
 # loop 65.0%, the quickstart 63.0%, the quickstart with SmallCNN's former He init 40.0% (the 35-point gap at 10 epochs
 # this guards against). Seed to seed, the quickstart's worst case at 10 epochs spans 11 points (71.5-82.5%, seeds 0-2)
 # and the plain loop's 2.5: a 15-point margin passes seed noise and fails the He-init deficit (25 points).

@@ -11,6 +11,7 @@ from advtrain.attacks.gradient import BIM, FGM, FGSM, PGD
 from advtrain.attacks.registry import AttackKind, AttackSpec, create_attack, list_attacks, register_attack
 from advtrain.attacks.square import Square
 from advtrain.attacks.strattack import StrAttack
+from advtrain.attacks.transfer import Transfer
 from advtrain.attacks.trust_region import TrustRegion
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "PGD",
     "Square",
     "StrAttack",
+    "Transfer",
     "TrustRegion",
     "Attack",
     "CarliniWagnerL2",

@@ -74,10 +74,11 @@ class Square(Attack):
       tiles of side ⌊w/5⌋ each holding the centre pattern of Eq. (5) with a random sign per channel, scaled to
       ‖δ‖₂ = ε. Then x + δ is clipped to [0, 1].
     * **Iteration i.** A square window of side h(i) = round(√(p(i)·h·w)) at a uniformly random position; p(i)
-      starts at ``p_init`` and halves at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a
-      10,000-iteration run (rescaled to ``steps``). L∞ (Algorithm 2): every channel of the window is set to ±ε,
-      one random sign per channel. L2 (Algorithm 3): a second window W2 is drawn; per channel, the mass of
-      δ on W1 ∪ W2 plus an equal share of the unused budget ε² − ‖δ‖² is moved onto W1, along ±η* plus W1's
+      starts at ``p_init`` and halves after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 (the
+      paper's schedule for 10,000 queries; AutoAttack keeps these points for its 5,000 queries, and so does this
+      attack by default; ``rescale_schedule=True`` stretches them to ``steps`` instead). L∞ (Algorithm 2): every
+      channel of the window is set to ±ε, one random sign per channel. L2 (Algorithm 3): a second window W2 is
+      drawn; per channel, the mass of δ on W1 ∪ W2 plus an equal share of the unused budget ε² − ‖δ‖² is moved onto W1, along ±η* plus W1's
       current content (normalised), and W2 is zeroed, so ‖δ‖₂ = ε after every update (before box clipping).
       The candidate is clipped to [0, 1] and accepted if it lowers the margin loss (or fools the model).
     * **Early stopping per sample**: a fooled sample stops costing queries; restarts re-attack, from a fresh
@@ -97,6 +98,8 @@ class Square(Attack):
         eps: budget (a per-call ``eps`` tensor of shape (B,) overrides it).
         steps: random-search iterations (queries after the initial one) per restart; AutoAttack uses 5000.
         p_init: initial fraction of pixels changed per update (0.8 in AutoAttack; the paper uses 0.05 on ImageNet).
+        rescale_schedule: place the halving points at the same fractions of ``steps`` as of 10,000 (the reference
+            code's option); ``False`` (AutoAttack's setting) keeps them at their iteration numbers.
         restarts: independent runs; later runs only attack samples not yet fooled.
         targeted: ``labels`` are targets to reach.
         autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast (scores come back in float32).
@@ -115,6 +118,7 @@ class Square(Attack):
         eps: float = 8 / 255,
         steps: int = 5000,
         p_init: float = 0.8,
+        rescale_schedule: bool = False,
         restarts: int = 1,
         targeted: bool = False,
         autocast: Literal["bf16", "fp16"] | None = None,
@@ -134,12 +138,13 @@ class Square(Attack):
         self.eps = float(eps)
         self.steps = int(steps)
         self.p_init = float(p_init)
+        self.rescale_schedule = bool(rescale_schedule)
         self.restarts = int(restarts)
         self.targeted = bool(targeted)
 
     def side(self, i: int, height: int, width: int) -> int:
         """Window side h(i) at iteration ``i``: round(√(p(i)·h·w)), clamped to the image."""
-        scaled = int(i / self.steps * 10000)
+        scaled = int(i / self.steps * 10000) if self.rescale_schedule else i
         p = self.p_init / 2 ** sum(scaled > point for point in _HALVING_POINTS)
         smallest = 2 if self.geometry.norm is Norm.L2 else 1
         return max(min(round((p * height * width) ** 0.5), height, width), min(smallest, height, width))

@@ -46,8 +46,8 @@ class RobustEvaluation(pl.Callback):
     ``no_grad`` (and ``validate``/``test`` maybe under inference mode): the callback re-enables gradients.
 
     Args:
-        suite: ``"quick"`` (PGD-20), ``"standard"`` (APGD-CE + APGD-DLR) or ``"full"`` (the zoo), see
-            :data:`advtrain.evaluation.SUITES`.
+        suite: ``"quick"`` (PGD-20), ``"apgd"`` (APGD-CE + APGD-DLR), ``"autoattack"`` (alias ``"standard"``) or
+            ``"full"`` (the zoo), see :data:`advtrain.evaluation.SUITES` (no escalation during training).
         norm: threat norm (default: the module's ``val_attack``'s).
         eps: main budget (default: the module's ``val_attack``'s).
         eps_grid: budgets of the accuracy-versus-ε curves (``eps`` is always included).

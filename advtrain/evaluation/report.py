@@ -272,6 +272,14 @@ def write_report(
         lines.append(
             f"- {check['name']}: {mark} — {check['detail']}." + (f" {check['advice']}" if check["fired"] else "")
         )
+    if data.get("escalation"):
+        esc = data["escalation"]
+        lines += ["", "## Escalation", "",
+                  f"Triggered by {', '.join(esc['triggered_by'])}: the samples still robust were attacked again. Worst "
+                  f"case {_pct(esc['robust_accuracy_before'])} → {_pct(esc['robust_accuracy_after'])}.", "",
+                  "| step | attacked | robust before | robust after | time (s) |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {st['attack']} | {st['attacked']} | {_pct(st['robust_before'])} | {_pct(st['robust_after'])} | "
+                  f"{st['seconds']:.1f} |" for st in esc["steps"]]  # fmt: skip
     if data["defects"]:
         lines += ["", "## Attack defects", ""] + [f"- {d}" for d in data["defects"]]
     lines += ["", "Attack configurations:", ""] + [f"- {n}: `{a['config']}`" for n, a in data["attacks"].items()]

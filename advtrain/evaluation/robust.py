@@ -28,11 +28,12 @@ from advtrain.engine.losses import margin_loss
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
 from advtrain.errors import InvalidConfigError
+from advtrain.evaluation.escalation import ADAPTIVE_SUITES, describe_escalation, plan_escalation
 from advtrain.evaluation.masking import REL_TOL, within
-from advtrain.evaluation.metrics import RobustnessRecords
+from advtrain.evaluation.metrics import PER_ATTACK, PER_SAMPLE, RobustnessRecords
 from advtrain.evaluation.report import RobustnessReport, summarize
 from advtrain.evaluation.sampling import BatchAlignedSampler, dist_info
-from advtrain.evaluation.suites import ROLES, EvalAttack, build_suite, wrap_attacks
+from advtrain.evaluation.suites import ALIASES, ROLES, EvalAttack, build_suite, wrap_attacks
 from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import Norm, as_eps_tensor, parse_budget
 
@@ -136,6 +137,7 @@ def attack_batch(
     cascade: bool = True,
     fuse: str | bool = "auto",
     max_fused_batch: int = 1024,
+    standing: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Attacks one batch with every attack and verifies every claim.
 
@@ -170,6 +172,8 @@ def attack_batch(
         fuse: ``True``, ``False`` or ``"auto"`` (fuse on CUDA only), see :data:`FUSE_CHOICES`.
         max_fused_batch: the most rows of one fused call; tune it to the largest batch that still underfills the
             device.
+        standing: (B, G) bool, which samples earlier attacks left standing at each ε (an escalation after a suite):
+            only those are attacked there, and only those can count as robust. Default: every sample.
 
     Returns:
         The batch record (tensors on the CPU): ``index``, ``correct``, ``x_norm`` (‖x‖ in the threat norm),
@@ -184,6 +188,8 @@ def attack_batch(
     batch, num_attacks, num_eps = x.shape[0], len(attacks), len(grid)
     logits, unstable, zero_grad = _diagnostics(model, x, y)
     correct = logits.argmax(1) == y
+    eligible = correct[:, None] & (torch.ones(batch, num_eps, dtype=torch.bool, device=x.device) if standing is None
+                                   else standing.to(x.device).bool())  # fmt: skip
     shape = (batch, num_attacks, num_eps)
     rec: dict[str, Tensor] = {
         "index": index.detach().cpu().long(),
@@ -246,7 +252,7 @@ def attack_batch(
     minimal = [a for a in order if attacks[a].minimal]
     budgeted = [a for a in order if not attacks[a].minimal]
     for a in minimal:
-        idx = correct.nonzero().squeeze(1)
+        idx = eligible.any(1).nonzero().squeeze(1)
         if idx.numel():
             call([(a, None, idx)])
     for name in ran:
@@ -256,7 +262,7 @@ def attack_batch(
         own = rec["norms"][:, a, 0]
         best = torch.minimum(best, own)
         for g, eps in enumerate(grid):
-            rec["robust"][:, a, g] = correct & ~within(best if cascade else own, eps)
+            rec["robust"][:, a, g] = eligible[:, g] & ~within(best if cascade else own, eps)
 
     # The cells (attack, ε) in the order they run: ε by ε for the cascade, a fusion group's whole grid at once fused.
     groups = _fusion_groups(attacks, budgeted) if fused else [[a] for a in budgeted]
@@ -271,10 +277,10 @@ def attack_batch(
         """The samples a cell attacks: with the cascade, those not broken at ε_g by anything found at the cells
         before it in cascade order (so never fewer than the cascade itself attacks there), else every correct one."""
         if not cascade:
-            return correct.nonzero().squeeze(1)
+            return eligible[:, g].nonzero().squeeze(1)
         before = [b for b in budgeted if position[b] < position[a]]
         known = torch.cat([best[:, None], ran["norms"][:, budgeted, :g].flatten(1), ran["norms"][:, before, g]], 1)
-        return (correct & ~within(known.amin(1), grid[g])).nonzero().squeeze(1)
+        return (eligible[:, g] & ~within(known.amin(1), grid[g])).nonzero().squeeze(1)
 
     while sequence:
         cells, size = [], 0
@@ -294,7 +300,7 @@ def attack_batch(
     # there (for the unfused cascade, exactly the ones it ran on).
     for g, eps in enumerate(grid):
         for a in budgeted:
-            needed = correct & ~within(best, eps) if cascade else correct
+            needed = eligible[:, g] & ~within(best, eps) if cascade else eligible[:, g]
             if bool((needed & ~ran["attacked"][:, a, g]).any()):
                 raise RuntimeError(
                     f"evaluate: attack {attacks[a].name!r} did not run on every sample still standing at eps={eps:g}: "
@@ -304,7 +310,7 @@ def attack_batch(
                 rec[name][:, a, g] = torch.where(needed, ran[name][:, a, g], empty)
             best = torch.minimum(best, rec["norms"][:, a, g])
             broken = within(best, eps) if cascade else rec["fooled"][:, a, g]
-            rec["robust"][:, a, g] = correct & ~broken
+            rec["robust"][:, a, g] = eligible[:, g] & ~broken
     out = {name: value.detach().cpu() for name, value in rec.items()}
     out.update(sums)
     return out
@@ -389,6 +395,7 @@ _SUMMED = ("forward_passes", "backward_passes", "seconds")
 def attack_batch_halving_on_oom(
     model: nn.Module, x: Tensor, y: Tensor, index: Tensor, attacks: Sequence[EvalAttack], grid: Sequence[float],
     *, geometry: Geometry, cascade: bool = True, fuse: str | bool = "auto", max_fused_batch: int = 1024,
+    standing: Tensor | None = None,
 ) -> dict[str, Tensor]:  # fmt: skip
     """:func:`attack_batch`, retried in halves (recursively) when the device runs out of memory.
 
@@ -398,7 +405,7 @@ def attack_batch_halving_on_oom(
     """
     options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch}
     try:
-        return attack_batch(model, x, y, index, attacks, grid, **options)
+        return attack_batch(model, x, y, index, attacks, grid, **options, standing=standing)
     except torch.OutOfMemoryError as err:
         if x.shape[0] == 1:
             raise torch.OutOfMemoryError(
@@ -412,7 +419,16 @@ def attack_batch_halving_on_oom(
     log.warning("evaluate: out of memory on a batch of %d samples; retrying it as %d + %d (pass a smaller "
                 "--batch_size to avoid the retries).", x.shape[0], half, x.shape[0] - half)  # fmt: skip
     parts = [
-        attack_batch_halving_on_oom(model, x[part], y[part], index[part], attacks, grid, **options)
+        attack_batch_halving_on_oom(
+            model,
+            x[part],
+            y[part],
+            index[part],
+            attacks,
+            grid,
+            **options,
+            standing=None if standing is None else standing[part],
+        )  # fmt: skip
         for part in (slice(0, half), slice(half, None))
     ]
     return {
@@ -470,6 +486,8 @@ def evaluate_robustness(
     resume: bool = False,
     tolerance: float = 0.01,
     meta: Mapping[str, Any] | None = None,
+    adaptive: bool | None = None,
+    escalation_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RobustnessReport:
     """Evaluates a model under a set of attacks (or a suite) over a grid of budgets, verifying every claim.
 
@@ -481,7 +499,8 @@ def evaluate_robustness(
         model: classifier taking [0, 1] inputs (attacked and verified in eval mode; its mode is restored).
         data: a Dataset or DataLoader of ``(x, y[, index])`` (a plain iterable of batches works in one process).
         attacks: name → attack, or prepared :class:`EvalAttack` objects; ``None`` to use ``suite``.
-        suite: a built-in suite (``"quick"``, ``"standard"``, ``"full"``), see :mod:`advtrain.evaluation.suites`.
+        suite: a built-in suite (``"quick"``, ``"apgd"``, ``"autoattack"`` (alias ``"standard"``),
+            ``"autoattack-plus"``, ``"autoattack-rand"``, ``"full"``), see :mod:`advtrain.evaluation.suites`.
         norm: threat norm; required with a suite.
         eps: the main budget (``robust_accuracy_all``); required with a suite.
         eps_grid: the budgets of the accuracy-versus-ε curves (``eps`` is always included).
@@ -500,6 +519,14 @@ def evaluate_robustness(
         resume: reuse the per-batch results of an earlier run with the same configuration found in ``partial_dir``.
         tolerance: fraction of samples above which a gradient-masking check fires.
         meta: extra facts for the report (checkpoint, split, ...).
+        adaptive: escalate when a gradient-masking check fires instead of only warning (default: on for the suites
+            of :data:`~advtrain.evaluation.escalation.ADAPTIVE_SUITES`, off otherwise): the samples still robust
+            after the suite are attacked again by the attacks :func:`~advtrain.evaluation.escalation.plan_escalation`
+            chooses for the checks that fired (more Square queries and restarts, a transfer attack from a smoothed
+            surrogate, EOT for random outputs); they join the report as attacks of role ``"escalation"`` and the
+            report's ``escalation`` entry says which checks fired, what ran and what each step changed.
+        escalation_options: per-label hyperparameters of the escalation attacks, e.g. ``{"square-more": {"steps":
+            2000}}``.
 
     Returns:
         The :class:`RobustnessReport`.
@@ -509,12 +536,67 @@ def evaluate_robustness(
             raise InvalidConfigError(f"{key} must be >= 1 (or null for the default), got {value}.")
     fused = fusion_enabled(fuse, max_fused_batch, device)
     entries, threat, eps, grid = prepare_attacks(attacks, suite=suite, norm=norm, eps=eps, eps_grid=eps_grid, seed=seed)
+    if adaptive is None:
+        adaptive = suite is not None and ALIASES.get(suite, suite) in ADAPTIVE_SUITES
     geometry = geometry_for(threat)
-    rank, world = dist_info()
     model = model.to(device)
-    records = RobustnessRecords(len(entries), len(grid)).to(device)
     start = time.perf_counter()
     fusion = max_fused_batch if fused else None
+    run = {"model": model, "data": data, "grid": grid, "geometry": geometry, "cascade": cascade, "fuse": fused,
+           "max_fused_batch": max_fused_batch, "batch_size": batch_size, "device": device, "max_samples": max_samples,
+           "progress": progress, "fusion": fusion}  # fmt: skip
+    data_out = _records(entries, partial_dir, resume, **run)
+    escalation = None
+    if adaptive:
+        first = summarize(data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance)
+        extra, escalation = plan_escalation(first, threat=threat, eps=eps, seed=seed, options=escalation_options)
+        if extra:
+            log.warning("evaluate: gradient-masking checks fired (%s): escalating with %s on the %d samples still "
+                        "robust.", ", ".join(escalation["triggered_by"]), ", ".join(e.name for e in extra),
+                        int(_standing(data_out, grid).any(1).sum()))  # fmt: skip
+            folder = None if partial_dir is None else Path(partial_dir) / "escalation"
+            more = _records(extra, folder, resume, standing=(data_out["index"], _standing(data_out, grid)), **run)
+            data_out = _join(data_out, more)
+            entries = [*entries, *extra]
+    report = summarize(
+        data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance,
+        seconds=time.perf_counter() - start, meta=meta, fusion=fusion,
+    )  # fmt: skip
+    if escalation is not None:
+        report.summary["escalation"] = describe_escalation(escalation, report, first)
+    report.log_warnings()
+    return report
+
+
+def _standing(data: Mapping[str, Tensor], grid: Sequence[float]) -> Tensor:
+    """(N, G): the correctly classified samples that no attack of ``data`` broke at each ε (a break at a smaller ε
+    counts at every larger one, a minimal-norm attack's norm at every ε above it)."""
+    norms = data["norms"]
+    standing = []
+    for g, e in enumerate(grid):
+        best = norms[:, :, : g + 1].flatten(1).amin(1) if norms.numel() else norms.new_zeros(norms.shape[0])
+        standing.append(data["correct"] & ~within(best, e) & data["robust"][:, :, g].all(1))
+    return torch.stack(standing, 1) if standing else data["correct"][:, None]
+
+
+def _join(first: Mapping[str, Tensor], second: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The records of two runs over the same samples, the second's attacks appended after the first's."""
+    out = dict(first)
+    for name, kind in PER_SAMPLE.items():
+        if kind == "ag":
+            out[name] = torch.cat([first[name], second[name]], 1)
+    for name in PER_ATTACK:
+        out[name] = torch.cat([first[name], second[name]])
+    return out
+
+
+def _records(entries, partial_dir, resume, *, model, data, grid, geometry, cascade, fuse, max_fused_batch, batch_size,
+             device, max_samples, progress, fusion, standing: tuple[Tensor, Tensor] | None = None,
+             ) -> dict[str, Tensor]:  # fmt: skip
+    """Attacks every batch (or reuses the per-batch results of an interrupted run) and gathers the records;
+    ``standing`` = (dataset indices, (N, G) mask) restricts the attacks to the samples still standing per ε."""
+    rank, world = dist_info()
+    records = RobustnessRecords(len(entries), len(grid)).to(device)
     partial = _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world,
                                fusion)  # fmt: skip
     total = None
@@ -522,7 +604,10 @@ def evaluate_robustness(
                                                            "__len__"):  # fmt: skip
         n = len(data.dataset) if isinstance(data, DataLoader) else len(data)
         total = n if max_samples is None else min(n, max_samples)
-    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress or rank != 0)
+    desc = "evaluate" if standing is None else "escalate"
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress or rank != 0)
+    # ``standing`` is indexed by position among the evaluated samples, sorted by dataset index (as the records are).
+    positions = None if standing is None else {int(i): p for p, i in enumerate(standing[0])}
     reused = 0
     for number, x, y, index in _batches_of(data, batch_size, max_samples, rank, world):
         path = partial / f"batch-{number:06d}.pt" if partial is not None else None
@@ -530,9 +615,10 @@ def evaluate_robustness(
             record = torch.load(path, map_location="cpu", weights_only=True)
             reused += 1
         else:
+            mask = None if standing is None else standing[1][[positions[int(i)] for i in index]]
             record = attack_batch_halving_on_oom(model, x.to(device), y.to(device), index, entries, grid,
-                                                 geometry=geometry, cascade=cascade, fuse=fused,
-                                                 max_fused_batch=max_fused_batch)  # fmt: skip
+                                                 geometry=geometry, cascade=cascade, fuse=fuse,
+                                                 max_fused_batch=max_fused_batch, standing=mask)  # fmt: skip
             if path is not None:
                 torch.save(record, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write leaves no half file
@@ -541,13 +627,7 @@ def evaluate_robustness(
     bar.close()
     if reused:
         log.info("evaluate: resumed %d batches from %s", reused, partial)
-    data_out = records.results()
-    report = summarize(
-        data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance,
-        seconds=time.perf_counter() - start, meta=meta, fusion=fusion,
-    )  # fmt: skip
-    report.log_warnings()
-    return report
+    return records.results()
 
 
 def _prepare_partial(partial_dir, resume, entries, grid, cascade, data, batch_size, max_samples, rank, world, fusion):

@@ -10,6 +10,8 @@ and which gradient-masking checks it feeds (:mod:`advtrain.evaluation.masking`):
   missed is a sign of gradient masking.
 * ``black_box``: gradient-free attacks (Square), last: breaking samples that every gradient attack missed is a
   sign of gradient masking.
+* ``escalation``: attacks an adaptive evaluation adds when a masking check fires
+  (:mod:`advtrain.evaluation.escalation`); they run only on the samples the suite left standing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from advtrain.attacks.registry import _REGISTRY, AttackKind, create_attack, list
 from advtrain.errors import InvalidConfigError
 from advtrain.threat.norms import Norm
 
-ROLES = ("minimal", "iterative", "one_step", "black_box")
+ROLES = ("minimal", "iterative", "one_step", "black_box", "escalation")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class SuiteEntry:
         role: ``"minimal"``, ``"iterative"``, ``"one_step"`` or ``"black_box"`` (see the module docstring).
         unbounded: a minimal-norm attack searching the whole box, expected to fool every sample (AN-PGD stops at
             its ``max_eps`` and is not).
+        budgeted: run a minimal-norm attack as a budgeted one, restricted to ε at each ε of the grid (AutoAttack's
+            FAB): it gets ``eps`` and counts only perturbations within it.
         per_norm: hyperparameters that depend on the norm, e.g. ``{"l2": {"max_eps": 10.0}}``.
     """
 
@@ -48,6 +52,7 @@ class SuiteEntry:
     role: str = "iterative"
     unbounded: bool = True
     per_norm: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    budgeted: bool = False
 
 
 @dataclass
@@ -83,30 +88,97 @@ _MINIMAL = [
     ),  # fmt: skip
 ]
 
-#: The built-in suites. ``quick`` for frequent checks during training, ``standard`` for reporting (the two APGD
-#: losses of AutoAttack), ``full`` for auditing a defence with every attack of the zoo that supports the norm.
+# AutoAttack (Croce & Hein, ICML 2020) as its official code runs it (fra31/auto-attack, ``pyautoattack``): each attack
+# on the points still robust, APGD with 100 iterations, APGD-T and FAB-T over the 9 highest non-true classes (fewer
+# when the model has fewer classes), Square with 5,000 queries, p_init 0.8 and the unscaled p schedule; in its L1
+# version APGD-CE takes 5 restarts and APGD and APGD-T the 3ε/2ε/ε schedule ("use_largereps"), APGD-T 5 targets.
+# FAB is a minimal-norm attack; AutoAttack runs it restricted to ε, so it takes the budgeted attacks' place here.
+_APGD_CE = SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100},
+                      per_norm={"l1": {"restarts": 5, "use_largereps": True}})  # fmt: skip
+_APGD_T = SuiteEntry(
+    "apgd-t",
+    "apgd",
+    {"loss": "dlr-targeted", "steps": 100, "n_target_classes": 9},
+    per_norm={"l1": {"n_target_classes": 5, "use_largereps": True}},
+)
+_FAB_T = SuiteEntry("fab-t", "fab", {"steps": 100, "n_target_classes": 9}, budgeted=True)
+_SQUARE = SuiteEntry("square", "square", {"steps": 5000, "p_init": 0.8}, role="black_box")
+
+#: The built-in suites:
+#:
+#: * ``quick``: PGD-20, for frequent checks during training.
+#: * ``apgd``: APGD-CE and APGD-DLR (the two APGD losses of AutoAttack, untargeted; this suite was called
+#:   ``standard`` before it became AutoAttack's standard version).
+#: * ``autoattack`` (also ``standard``): AutoAttack's standard version, for reporting numbers comparable with the
+#:   official code and the RobustBench leaderboard.
+#: * ``autoattack-plus``: AutoAttack's ``plus`` version (APGD-CE/DLR and FAB with 5 restarts, Square, APGD-T, FAB-T).
+#: * ``autoattack-rand``: AutoAttack's ``rand`` version, for randomized defences: APGD-CE/DLR with EOT over 20 draws.
+#: * ``full``: every attack of the zoo that supports the norm, a strict superset of ``autoattack``, for auditing a
+#:   defence.
 SUITES: dict[str, list[SuiteEntry]] = {
     "quick": [SuiteEntry("pgd20", "pgd", {"steps": 20, "restarts": 1})],
-    "standard": [
+    "apgd": [
         SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100}),
         SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100}),
     ],
+    "autoattack": [_APGD_CE, _APGD_T, _FAB_T, _SQUARE],
+    "autoattack-plus": [
+        SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100, "restarts": 5}),
+        SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100, "restarts": 5}),
+        SuiteEntry("fab", "fab", {"steps": 100, "restarts": 5}, budgeted=True),
+        _SQUARE,
+        _APGD_T,
+        _FAB_T,
+    ],
+    "autoattack-rand": [
+        SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100, "eot_iter": 20}),
+        SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100, "eot_iter": 20}),
+    ],
     "full": [
         *_MINIMAL,
+        SuiteEntry("fab", "fab", {"steps": 100}, role="minimal"),
         SuiteEntry("bim", "bim", {"steps": 20}),
         SuiteEntry("pgd", "pgd", {"steps": 40, "restarts": 1}),
-        SuiteEntry("apgd-ce", "apgd", {"loss": "ce", "steps": 100, "restarts": 2}),
+        SuiteEntry(
+            "apgd-ce",
+            "apgd",
+            {"loss": "ce", "steps": 100, "restarts": 2},
+            per_norm={"l1": {"restarts": 5, "use_largereps": True}},
+        ),  # fmt: skip
         SuiteEntry("apgd-dlr", "apgd", {"loss": "dlr", "steps": 100, "restarts": 2}),
+        _APGD_T,
+        _FAB_T,
         SuiteEntry("fgsm", "fgsm", role="one_step"),
         SuiteEntry("fgm", "fgm", role="one_step"),
-        SuiteEntry("square", "square", {"steps": 1000}, role="black_box"),
+        _SQUARE,
     ],
+}
+#: Other names of built-in suites.
+ALIASES = {"standard": "autoattack"}
+
+#: What a report says a suite is (one line).
+NOTES = {
+    "quick": "PGD-20 (a quick check, not a reportable robust accuracy)",
+    "apgd": "APGD-CE + APGD-DLR, untargeted (AutoAttack's untargeted APGD attacks only: weaker than AutoAttack)",
+    "autoattack": "AutoAttack, standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 "
+    "queries), each on the points still robust",
+    "autoattack-plus": "AutoAttack, plus version: APGD-CE/APGD-DLR (5 restarts), FAB (5 restarts), Square (5,000 "
+    "queries), APGD-T and FAB-T (9 targets)",
+    "autoattack-rand": "AutoAttack, rand version: APGD-CE and APGD-DLR with EOT over 20 draws",
+    "full": "every attack of advtrain's zoo for this norm, AutoAttack's standard version included",
 }
 
 
+def suite_note(name: str) -> str:
+    """One line saying what the built-in suite ``name`` (or an alias) runs, for reports."""
+    canonical = ALIASES.get(name, name)
+    note = NOTES.get(canonical, "")
+    return f"{name} = {note}" if name != canonical else note
+
+
 def list_suites() -> list[str]:
-    """Names of the built-in suites."""
-    return sorted(SUITES)
+    """Names of the built-in suites (aliases included)."""
+    return sorted([*SUITES, *ALIASES])
 
 
 def build_suite(
@@ -134,9 +206,9 @@ def build_suite(
             of the suite supports the norm.
     """
     if isinstance(suite, str):
-        if suite not in SUITES:
+        if suite not in SUITES and suite not in ALIASES:
             raise ValueError(f"Unknown suite {suite!r}; the suites are {list_suites()}.")
-        entries = SUITES[suite]
+        entries = SUITES[ALIASES.get(suite, suite)]
     else:
         entries = list(suite)
     norm = Norm.parse(norm).value
@@ -160,7 +232,8 @@ def build_suite(
         kwargs = {**entry.kwargs, **entry.per_norm.get(norm, {}), **(overrides or {}).get(entry.label, {})}
         if "norm" in accepted:
             kwargs.setdefault("norm", norm)
-        if spec.kind is AttackKind.BUDGETED or entry.attack == "anpgd":  # AN-PGD's eps is its initial budget
+        # AN-PGD's eps is its initial budget; a minimal-norm attack run as budgeted is restricted to it.
+        if spec.kind is AttackKind.BUDGETED or entry.budgeted or entry.attack == "anpgd":
             kwargs.setdefault("eps", eps)
         if spec.stochastic and "seed" in accepted:
             kwargs.setdefault("seed", seed)
@@ -171,7 +244,8 @@ def build_suite(
                 f"{', '.join(p for p in accepted if p != 'self')}."
             )
         attack = create_attack(entry.attack, **kwargs)
-        built.append(EvalAttack(entry.label, attack, entry.role, spec.kind is AttackKind.MINIMAL, entry.unbounded))
+        minimal = spec.kind is AttackKind.MINIMAL and not entry.budgeted
+        built.append(EvalAttack(entry.label, attack, entry.role, minimal, entry.unbounded and minimal))
     if not built:
         raise ValueError(f"No attack of suite {suite!r} supports the {norm} threat model.")
     return built

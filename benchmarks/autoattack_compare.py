@@ -1,0 +1,186 @@
+"""advtrain's ``autoattack`` suite side by side with the official AutoAttack (``pyautoattack``), on the same models and
+the same samples, in one process, interleaved.
+
+Models (trained once and cached under ``benchmarks/results/cache/autoattack_compare/``; all the quickstart's SmallCNN
+on the embedded MNIST digits, L∞ ε = 0.3):
+
+* ``standard``: the quickstart recipe with standard training (no robustness: a sanity row).
+* ``pgd``: the quickstart recipe (PGD-10 adversarial training through the CLI, 10 epochs).
+* ``plain-pgd``: PGD-AT by a deliberately plain PyTorch loop that uses nothing from advtrain (``train_quality.py``'s
+  loop, budget ramp over 4 epochs), trained for 20 epochs: long enough that its gradients mask (Square breaks points
+  that every gradient attack misses).
+* ``trades``: the quickstart recipe with ``configs/maximizer/trades_mnist.yaml`` (TRADES, β = 6).
+
+For each model, on the first ``--samples`` test digits: the official ``AutoAttack(version="standard")``
+(APGD-CE, APGD-T, FAB-T, Square-5000, each on the points still robust) and advtrain's ``autoattack`` suite (the same
+protocol), timed one after the other in the same process, the order alternating between models; then each attack
+alone on every correctly classified digit (official ``run_standard_evaluation_individual`` against advtrain without
+the cascade), so that each of APGD-T, FAB-T and Square can be compared with its official counterpart.
+advtrain's number must be ≤ the official one everywhere (lower is a stronger attack).
+
+    python benchmarks/autoattack_compare.py [--models standard pgd plain-pgd trades] [--samples 200] [--train-only]
+
+Prints a markdown table and writes ``autoattack_compare.json`` (and ``..._individual.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import CACHE, write_table  # noqa: E402
+
+EPS = 0.3
+MODELS = ("standard", "pgd", "plain-pgd", "trades")
+FOLDER = CACHE / "autoattack_compare"
+# name -> (configs/maximizer fragment or None for the quickstart's PGD-10, epochs)
+RECIPES = {"standard": ("standard.yaml", 3), "pgd": (None, 10), "trades": ("trades_mnist.yaml", 10)}
+PLAIN_EPOCHS = 20
+
+
+def _small_cnn() -> nn.Module:
+    from advtrain.models import create_model
+
+    return create_model("small_cnn", num_classes=10, in_channels=1, input_size=28)
+
+
+def _train_cli(name: str) -> dict:
+    """Trains ``name`` with ``python -m advtrain fit`` on the quickstart recipe; returns the classifier's state dict."""
+    from advtrain.training.checkpoint import load_training_module
+
+    fragment, epochs = RECIPES[name]
+    run = f"aa-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args = [sys.executable, "-m", "advtrain", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml")]
+    if fragment is not None:
+        args += ["--config", str(ROOT / "configs" / "maximizer" / fragment)]
+    args += ["--seed_everything", "0", "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--run_name", run]  # fmt: skip
+    subprocess.run(args, cwd=FOLDER, env={**os.environ, "WANDB_MODE": "disabled"}, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    module = load_training_module(FOLDER / "checkpoints" / run / "last.ckpt")
+    return module.model.state_dict()
+
+
+def _train_plain() -> nn.Module:
+    from train_quality import data, train_plain
+
+    train_x, train_y, _, _ = data(1)
+    return train_plain(0, PLAIN_EPOCHS, "torch", 4, train_x, train_y)
+
+
+def load(name: str) -> nn.Module:
+    """The cached model ``name``, trained first when missing."""
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    path = FOLDER / f"{name}.pt"
+    if name == "plain-pgd":
+        if not path.is_file():
+            torch.save(_train_plain().state_dict(), path)
+        from train_quality import plain_cnn
+
+        net = plain_cnn()
+    else:
+        if not path.is_file():
+            torch.save(_train_cli(name), path)
+        net = _small_cnn()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def test_digits(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from train_quality import data
+
+    _, _, x, y = data(samples)
+    return x, y
+
+
+def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: bool) -> dict:
+    """The official AutoAttack, standard version: robust accuracy (or, ``individual``, per attack alone)."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+    start = time.perf_counter()
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    if individual:
+        advs = adversary.run_standard_evaluation_individual(x, y, batch_size=len(x))
+        out = {}
+        for attack, (adv, _) in advs.items():
+            with torch.no_grad():
+                out[attack] = (model(adv).argmax(1) == y).float().mean().item()
+        return {"clean": clean, "attacks": out, "seconds": time.perf_counter() - start}
+    adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+    with torch.no_grad():
+        robust = (model(adv).argmax(1) == y).float().mean().item()
+    return {"clean": clean, "robust": robust, "seconds": time.perf_counter() - start}
+
+
+def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suite: str) -> dict:
+    from advtrain.evaluation import evaluate_robustness
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    start = time.perf_counter()
+    report = evaluate_robustness(model, loader, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS], cascade=cascade,
+                                 progress=False, seed=0).as_dict()  # fmt: skip
+    seconds = time.perf_counter() - start
+    attacks = {name: a["robust_accuracy"] for name, a in report["attacks"].items()}
+    return {"clean": report["clean_accuracy"], "robust": report["robust_accuracy_all"], "attacks": attacks,
+            "seconds": seconds, "masking": [c["name"] for c in report["masking_checks"] if c["fired"]],
+            "escalation": report.get("escalation")}  # fmt: skip
+
+
+# advtrain's label of each official attack
+PAIRS = {"apgd-ce": "apgd-ce", "apgd-t": "apgd-t", "fab-t": "fab-t", "square": "square"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--suite", default="autoattack")
+    parser.add_argument("--train-only", action="store_true", help="train (and cache) the models, then stop")
+    parser.add_argument("--no-individual", action="store_true", help="skip the attack-by-attack comparison")
+    opts = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    models = {name: load(name) for name in opts.models}
+    if opts.train_only:
+        return
+    x, y = test_digits(opts.samples)
+    rows, individual = [], []
+    for i, (name, model) in enumerate(models.items()):
+        # Alternate who goes first, so that a drift in the machine's load does not favour one side.
+        runs = [("official", lambda m=model: official(m, x, y, False)),
+                ("advtrain", lambda m=model: ours(m, x, y, True, opts.suite))]  # fmt: skip
+        results = dict(run() for run in [lambda r=r: (r[0], r[1]()) for r in (runs if i % 2 == 0 else runs[::-1])])
+        off, adv = results["official"], results["advtrain"]
+        rows.append({
+            "model": name, "clean": adv["clean"], "official": off["robust"], "advtrain": adv["robust"],
+            "official_s": off["seconds"], "advtrain_s": adv["seconds"], "speedup": off["seconds"] / adv["seconds"],
+            "masking": " ".join(adv["masking"]) or "-",
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+        if not opts.no_individual:
+            off = official(model, x, y, True)
+            adv = ours(model, x, y, False, opts.suite)
+            for attack, label in PAIRS.items():
+                individual.append({"model": name, "attack": attack, "official": off["attacks"].get(attack),
+                                   "advtrain": adv["attacks"].get(label)})  # fmt: skip
+            print(json.dumps(individual[-len(PAIRS) :]), flush=True)
+    columns = ["model", "clean", "official", "advtrain", "official_s", "advtrain_s", "speedup", "masking"]
+    write_table("autoattack_compare", rows, columns)
+    if individual:
+        write_table("autoattack_compare_individual", individual, ["model", "attack", "official", "advtrain"])
+
+
+if __name__ == "__main__":
+    main()
