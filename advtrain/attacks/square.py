@@ -78,9 +78,10 @@ class Square(Attack):
       paper's schedule for 10,000 queries; AutoAttack keeps these points for its 5,000 queries, and so does this
       attack by default; ``rescale_schedule=True`` stretches them to ``steps`` instead). L∞ (Algorithm 2): every
       channel of the window is set to ±ε, one random sign per channel. L2 (Algorithm 3): a second window W2 is
-      drawn; per channel, the mass of δ on W1 ∪ W2 plus an equal share of the unused budget ε² − ‖δ‖² is moved onto W1, along ±η* plus W1's
-      current content (normalised), and W2 is zeroed, so ‖δ‖₂ = ε after every update (before box clipping).
-      The candidate is clipped to [0, 1] and accepted if it lowers the margin loss (or fools the model).
+      drawn; per channel, the mass of δ on W1 ∪ W2 plus an equal share of the unused budget ε² − ‖δ‖² is moved
+      onto W1, along ±η* plus W1's current content (normalised), and W2 is zeroed, so ‖δ‖₂ = ε after every update
+      (before box clipping). The candidate is clipped to [0, 1] and accepted if it lowers the margin loss (or
+      fools the model).
     * **Early stopping per sample**: a fooled sample stops costing queries; restarts re-attack, from a fresh
       initialisation, only the samples still standing.
 
