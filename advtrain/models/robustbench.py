@@ -44,7 +44,7 @@ import logging
 import re
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,10 +406,13 @@ def _fits(expected: set[str], given: Mapping[str, Any], tolerated: set[str]) -> 
     return set(given) <= expected and expected - set(given) <= tolerated
 
 
-def describe_key_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any]) -> str:
-    """``"3 missing (e.g. fc.weight), 1 unexpected keys (e.g. conv1.scores)"``: the keys of a state dict that a
-    model lacks or does not know, counted, with the first of each."""
-    missing = [k for k in expected if k not in given]
+def describe_key_mismatch(
+    expected: Mapping[str, Any], given: Mapping[str, Any], optional: Collection[str] = frozenset()
+) -> str:
+    """``"3 missing (e.g. fc.weight), 1 unexpected keys (e.g. conv1.scores)"``: the keys of a state dict ``given``
+    that a model (its ``expected`` state dict) needs but does not find (``optional`` ones aside) or does not know,
+    counted, with the first of each."""
+    missing = [k for k in expected if k not in given and k not in optional]
     unexpected = [k for k in given if k not in expected]
     missing_text = f"{len(missing)} missing" + (f" (e.g. {missing[0]})" if missing else "")
     unexpected_text = f"{len(unexpected)} unexpected keys" + (f" (e.g. {unexpected[0]})" if unexpected else "")
@@ -466,11 +469,10 @@ def _load_entry(entry: RobustBenchEntry, path: str | Path, *, trust: bool = Fals
     candidates = [state, {f"model.{k}": v for k, v in state.items()}]
     chosen = next((c for c in candidates if _fits(set(expected), c, tolerated)), None)
     if chosen is None:
-        required = {k: v for k, v in expected.items() if k not in tolerated}
         raise RobustBenchError(
             f"The weights in {path} do not fit RobustBench's {entry.name} ({entry.dataset}/{entry.threat_model}) "
-            f"architecture ({describe_key_mismatch(required, state)}): is it the file the leaderboard links for this "
-            "entry?"
+            f"architecture ({describe_key_mismatch(expected, state, tolerated)}): is it the file the leaderboard "
+            "links for this entry?"
         )
     kept = sorted(set(expected) - set(chosen))
     try:

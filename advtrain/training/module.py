@@ -440,8 +440,8 @@ def _load_classifier_weights(
     except RuntimeError as err:
         raise CheckpointError(
             f"{what}: the weights in {path} do not fit the {type(model).__name__} model it names "
-            f"({describe_key_mismatch(model.state_dict(), state)}): pass the architecture they were trained with "
-            f"({str(err).splitlines()[0]})"
+            f"({describe_key_mismatch(model.state_dict(), state, {'mean', 'std'})}): pass the architecture they were "
+            f"trained with ({str(err).splitlines()[0]})"
         ) from None
     if kept:
         log.info("%s: the weights in %s hold no %s; the model keeps the normalisation of its dataset.", what, path,
