@@ -26,10 +26,12 @@ these deviations:
   with further unexpected keys ignored (``Diffenderfer2021Winning_*``'s ``scores``) is refused.
 * Ensembles stored as several files (``gdrive_id`` a list, e.g. ``Chen2020Adversarial``) and the ``corruptions``
   threat models are not supported.
-* robustbench 1.1.1 imports ``pkg_resources`` (for its ImageNet loader), which setuptools 81 removed. When that is
-  the only reason ``import robustbench`` fails, the model zoo is imported without running the package's
-  ``__init__`` (which only re-exports ``load_cifar10``, ``load_model`` and ``benchmark``): ``robustbench`` is then
-  registered in ``sys.modules`` as a bare namespace holding its subpackages.
+* robustbench's package ``__init__`` (1.1.1, and its current code) imports ``pkg_resources``, which setuptools 81
+  removed, and ``autoattack``, the import name of AutoAttack installed from GitHub (the ``pyautoattack`` wheel
+  installs ``pyautoattack``): with either missing, ``import robustbench`` fails although the model zoo needs neither.
+  The zoo is then imported under a bare ``robustbench`` package (its ``__init__`` not run), which is removed from
+  ``sys.modules`` again right after: a later ``import robustbench`` fails as it did before (the zoo's modules stay
+  loaded, as a failed ``import robustbench`` leaves them too).
 """
 
 from __future__ import annotations
@@ -185,21 +187,22 @@ def _model_zoo() -> Any:
     """``robustbench.model_zoo.model_dicts`` (imported once).
 
     Raises:
-        RobustBenchMissingError: when robustbench (or one of its dependencies) is not installed.
+        RobustBenchMissingError: when robustbench (or one of its model zoo's dependencies) is not installed.
     """
     global _ZOO
     if _ZOO is None:
         try:
             zoo = importlib.import_module("robustbench.model_zoo")
         except ModuleNotFoundError as err:
-            missing = (err.name or "robustbench").split(".")[0]
-            if missing == "pkg_resources" and importlib.util.find_spec("robustbench") is not None:
-                zoo = _import_zoo_without_package_init()
-            elif missing == "robustbench":
+            if (err.name or "robustbench").split(".")[0] == "robustbench" or sys.modules.get("robustbench", 0) is None:
                 raise RobustBenchMissingError(
                     f"Loading RobustBench models needs the robustbench package: {INSTALL_HINT}"
                 ) from None
-            else:
+            try:  # a dependency of the package __init__ only (pkg_resources, autoattack): see the module docstring
+                with bare_robustbench_package():
+                    zoo = importlib.import_module("robustbench.model_zoo")
+            except ModuleNotFoundError as again:
+                missing = (again.name or "?").split(".")[0]
                 raise RobustBenchMissingError(
                     f"robustbench is installed but its dependency {missing!r} is not: {INSTALL_HINT} (or pip install "
                     f"{missing})"
@@ -208,19 +211,25 @@ def _model_zoo() -> Any:
     return _ZOO
 
 
-def _import_zoo_without_package_init() -> Any:
-    """Imports ``robustbench.model_zoo`` under a bare ``robustbench`` package whose ``__init__`` is not run (it fails
-    on ``import pkg_resources`` with setuptools >= 81; the model zoo does not need it)."""
+@contextlib.contextmanager
+def bare_robustbench_package() -> Iterator[None]:
+    """While inside, ``robustbench`` is its bare package in ``sys.modules`` (``__path__`` set, ``__init__`` not
+    run), so that its submodules (``robustbench.model_zoo``, ``robustbench.utils``) import where the package
+    ``__init__`` cannot (see the module docstring); removed again on exit. Does nothing when ``robustbench`` is
+    already imported."""
+    if sys.modules.get("robustbench") is not None:
+        yield
+        return
     spec = importlib.util.find_spec("robustbench")
+    if spec is None:
+        raise RobustBenchMissingError(f"Loading RobustBench models needs the robustbench package: {INSTALL_HINT}")
     package = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not executed
     sys.modules["robustbench"] = package
     try:
-        zoo = importlib.import_module("robustbench.model_zoo")
-    except BaseException:
-        sys.modules.pop("robustbench", None)
-        raise
-    log.debug("robustbench: imported its model zoo without the package __init__ (which needs pkg_resources).")
-    return zoo
+        yield
+    finally:
+        if sys.modules.get("robustbench") is package:
+            del sys.modules["robustbench"]
 
 
 def _zoo_models(dataset: str, threat_model: str) -> Mapping[str, dict[str, Any]]:
@@ -517,6 +526,11 @@ def robustbench_for_evaluation(
         )
     entry = robustbench_entry(name, path, dataset, threat_model or robustbench_layout(path)[1] or norm)
     data_name = getattr(data, "name", None)
+    if data_name in DATAMODULES and data_name != entry.dataset and entry.dataset not in DATAMODULES:
+        raise InvalidConfigError(
+            f"evaluate: --robustbench {name} is a {entry.dataset} model and advtrain has no {entry.dataset} "
+            "datamodule: pass yours with --data (an advtrain.data.AdvDataModule yielding unnormalised [0, 1] images)."
+        )
     if data_name in DATAMODULES and data_name != entry.dataset:
         raise InvalidConfigError(
             f"evaluate: --robustbench {name} is a {entry.dataset} model, but the data is {type(data).__name__} "
