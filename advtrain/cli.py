@@ -7,6 +7,7 @@ line (``--model.maximizer.eps 0.1``). ``advtrain/defaults.yaml`` is applied firs
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -132,6 +133,18 @@ class AdvArgumentParser(LightningArgumentParser):
         return ""
 
 
+def threat_norm(value: str) -> str:
+    """The type of ``--threat.norm``: ``linf``, ``l2`` or ``l1`` in any spelling :meth:`Norm.parse` accepts (``Linf``,
+    ``L2``, ``inf``), stored in advtrain's spelling so that ``${threat.norm}`` fits every component's ``norm``."""
+    try:
+        norm = Norm.parse(value)
+    except ValueError:
+        norm = None
+    if norm not in (Norm.LINF, Norm.L2, Norm.L1):
+        raise argparse.ArgumentTypeError(f"unknown threat norm {value!r}; allowed: linf, l2, l1 (any case: Linf, L2)")
+    return norm.value
+
+
 def _broken_config_file(args: list[str]) -> str:
     """The first ``--config`` file of ``args`` that is not valid YAML (quoted), for jsonargparse's YAML errors, which
     name only ``<unicode string>``."""
@@ -204,6 +217,9 @@ class AdvTrainer(pl.Trainer):
         max_fused_batch: int = 1024,
         arch: str | None = None,
         arch_kwargs: dict[str, Any] | None = None,
+        robustbench: str | None = None,
+        robustbench_dataset: Literal["cifar10", "cifar100", "imagenet"] | None = None,
+        robustbench_threat: str | None = None,
         batch_size: int | None = None,
         seed: int = 0,
         resume: bool = False,
@@ -224,7 +240,8 @@ class AdvTrainer(pl.Trainer):
                 ``weights_only=True``; ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed) for
                 the model given by ``--arch`` or the config.
             split: ``"test"`` or ``"val"``.
-            norm: threat model (default: the checkpoint's validation attack).
+            norm: threat model: ``linf``, ``l2`` or ``l1``, any case (``Linf``, ``L2``); default: the checkpoint's
+                validation attack.
             eps: main budget (default: the checkpoint's validation attack).
             steps: PGD steps of the default attack (without ``--suite``/``--attacks``).
             restarts: PGD restarts of the default attack.
@@ -245,6 +262,15 @@ class AdvTrainer(pl.Trainer):
             max_fused_batch: the most rows of one fused call.
             arch: registered model name for a plain state dict (default: the config's ``model.arch``).
             arch_kwargs: its extra keyword arguments.
+            robustbench: a RobustBench model name (``Wong2020Fast``): the architecture is built by the ``robustbench``
+                package (``pip install 'advtrain[robustbench]'``) and takes the weights of ``ckpt_path``, a local
+                file (nothing is downloaded; :func:`advtrain.models.load_robustbench`). The threat model and ε
+                default to the leaderboard's (L∞ 8/255, L2 0.5, L1 12; ImageNet L∞ 4/255), the data to the model's
+                dataset, whose datamodule adds no normalisation (the model normalises inside).
+            robustbench_dataset: the model's dataset (default: from RobustBench's file layout
+                ``<model_dir>/<dataset>/<threat_model>/<name>.pt``, else ``cifar10``).
+            robustbench_threat: the model's threat model, ``Linf``, ``L2`` or ``L1`` in any case (default: from the
+                file layout, else ``--norm``, else ``Linf``).
             batch_size: attack batch size (default: the datamodule's evaluation batch size).
             seed: seed of the suite's stochastic attacks.
             resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
@@ -269,9 +295,22 @@ class AdvTrainer(pl.Trainer):
             return call._call_and_handle_interrupt(self, self._distributed_evaluate, **kwargs)
         from advtrain.attacks import PGD
         from advtrain.evaluation import evaluate_robustness, write_report
+        from advtrain.evaluation.report import run_metadata
 
         configured = model
-        model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
+        norm = _norm_option(norm)
+        entry = None
+        if robustbench is not None:
+            from advtrain.models.robustbench import default_eps, robustbench_for_evaluation
+
+            if arch is not None:
+                raise InvalidConfigError("evaluate: --arch and --robustbench both name the model; pass one of them.")
+            entry, model = robustbench_for_evaluation(robustbench, ckpt_path, robustbench_dataset, robustbench_threat,
+                                                      norm=norm, data=datamodule, trust=trust_checkpoint)  # fmt: skip
+            norm = norm or entry.norm
+            eps = eps if eps is not None else default_eps(entry.dataset, norm)
+        else:
+            model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
         # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
         base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
         if norm is not None and eps is None and getattr(base, "eps", None) is not None and not attacks:
@@ -307,8 +346,8 @@ class AdvTrainer(pl.Trainer):
         datamodule.setup("test" if split == "test" else "validate")
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         device = _device(self)
-        meta = {"checkpoint": ckpt_path, "split": split, "dataset": type(datamodule).__name__, "device": str(device),
-                "suite": suite}  # fmt: skip
+        meta = run_metadata(checkpoint=ckpt_path, split=split, dataset=type(datamodule).__name__, device=device,
+                            suite=suite, seed=seed, robustbench=entry.as_dict() if entry else None)  # fmt: skip
         if suite is not None:
             from advtrain.evaluation.suites import suite_note
 
@@ -408,6 +447,16 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
     if arch is None:
         return model
     return classifier.eval()
+
+
+def _norm_option(norm: str | None) -> str | None:
+    """``--norm`` in advtrain's spelling (``linf``, ``l2``, ``l1``) from any case (``Linf``, ``L2``)."""
+    if norm is None:
+        return None
+    try:
+        return Norm.parse(norm).value
+    except ValueError as err:
+        raise InvalidConfigError(f"evaluate: --norm: {err}") from None
 
 
 _AUTOCAST_OF_PRECISION = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
@@ -546,8 +595,9 @@ class AdvTrainCLI(LightningCLI):
                             "outside advtrain/torch/Lightning (only for files from a source you trust).")  # fmt: skip
         # The threat model as variables: recipes interpolate ${threat.eps} into the maximizer and the validation
         # attack, so one override (--threat.eps 0.1) moves both, and swapping the maximizer keeps the evaluation.
-        parser.add_argument("--threat.norm", type=Literal["linf", "l2"], default="linf",
-                            help="Norm of the threat model, for interpolation as ${threat.norm}.")  # fmt: skip
+        parser.add_argument("--threat.norm", type=threat_norm, default="linf",
+                            help="Norm of the threat model, for interpolation as ${threat.norm}: linf, l2 or l1, any "
+                            "case (Linf, L2, L1); stored as linf/l2/l1.")  # fmt: skip
         parser.add_argument("--threat.eps", type=float, default=8 / 255,
                             help="Budget of the threat model, for interpolation as ${threat.eps}.")  # fmt: skip
         for key in ("num_classes", "image_shape", "mean", "std"):
@@ -568,6 +618,9 @@ class AdvTrainCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        if subcommand == "evaluate" and config.get("robustbench"):
+            self._use_robustbench_dataset(config)  # a plain state dict: no hyperparameters to layer
+            return
         folder = run_folder(config.run_name)
         path = resolve_checkpoint(config.get("ckpt_path"), folder)
         if path is None:
@@ -588,6 +641,20 @@ class AdvTrainCLI(LightningCLI):
         if subcommand == "fit":
             log.info("Resuming from %s, saved at epoch %s (global step %s).", path, checkpoint.get("epoch", "?"),
                      checkpoint.get("global_step", "?"))  # fmt: skip
+
+    def _use_robustbench_dataset(self, config: Any) -> None:
+        """``evaluate --robustbench``: the model's dataset (``--robustbench_dataset``, else the file's RobustBench
+        layout, else CIFAR-10) becomes the data, as a config layer right after the defaults, so ``--config`` files
+        and ``--data`` flags still choose otherwise (and ``--data.init_args.root`` applies to it)."""
+        from advtrain.models.robustbench import robustbench_layout
+
+        dataset = config.get("robustbench_dataset") or robustbench_layout(config.get("ckpt_path"))[0] or "cifar10"
+        datamodule = {"cifar10": "advtrain.data.CIFAR10DataModule", "cifar100": "advtrain.data.CIFAR100DataModule"}
+        if dataset not in datamodule or self._args is None or "evaluate" not in self._args:
+            return  # ImageNet: advtrain has no datamodule for it; the user's --data
+        at = self._args.index("evaluate") + 1
+        text = yaml.safe_dump({"data": {"class_path": datamodule[dataset]}})
+        self.config = self.parser.parse_args([*self._args[:at], "--config", text, *self._args[at:]])
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # A private LightningCLI method (as _parse_ckpt_path; both checked with pytorch-lightning 2.6, and exercised

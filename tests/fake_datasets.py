@@ -240,3 +240,19 @@ def accept_fake_checksums(monkeypatch: pytest.MonkeyPatch, fake: FakeDataset) ->
             split: [url, name, fake.md5.get(name, md5)] for split, (url, name, md5) in datasets.SVHN.split_list.items()
         }
         monkeypatch.setattr(datasets.SVHN, "split_list", split_list)
+
+
+def checksums_sitecustomize(fake: FakeDataset) -> str:
+    """The source of a ``sitecustomize.py`` doing what :func:`accept_fake_checksums` does, for a subprocess (``python
+    -m advtrain ...``), which no monkeypatch reaches: see :func:`helpers.sitecustomize_env`."""
+    if fake.kind not in ("cifar10", "cifar100"):
+        raise ValueError(f"checksums_sitecustomize covers the CIFAR datasets, not {fake.kind}")
+    cls = "CIFAR10" if fake.kind == "cifar10" else "CIFAR100"
+    return f"""from torchvision import datasets
+
+md5 = {fake.md5!r}
+cls = datasets.{cls}
+cls.train_list = [[name, md5[name]] for name, _ in cls.train_list]
+cls.test_list = [[name, md5[name]] for name, _ in cls.test_list]
+cls.meta = {{**cls.meta, "md5": md5[cls.meta["filename"]]}}
+"""

@@ -145,6 +145,14 @@ def run_advtrain(
     return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+def sitecustomize_env(folder: Path, source: str) -> dict[str, str]:
+    """``env`` for :func:`run_advtrain` whose interpreter runs ``source`` at start-up: a ``sitecustomize.py`` in
+    ``folder``, first on the path (e.g. :func:`fake_datasets.checksums_sitecustomize`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(ROOT / "tests"), str(ROOT)])}
+
+
 def run_cli(*args: object, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> tuple[int, str]:
     """:func:`run_advtrain`, returning ``(exit code, stderr + stdout)``."""
     done = run_advtrain(*args, cwd=cwd, env=env, timeout=timeout)

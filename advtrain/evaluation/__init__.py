@@ -2,7 +2,7 @@
 
 from advtrain.evaluation.masking import MaskingCheck, run_checks
 from advtrain.evaluation.metrics import RobustnessRecords
-from advtrain.evaluation.report import RobustnessReport, summarize, write_report
+from advtrain.evaluation.report import RobustnessReport, compare_reports, summarize, write_report
 from advtrain.evaluation.robust import attack_batch, evaluate_robustness, prepare_attacks, verify
 from advtrain.evaluation.sampling import BatchAlignedSampler, seeded_subset
 from advtrain.evaluation.suites import SUITES, EvalAttack, SuiteEntry, build_suite, list_suites, wrap_attacks
@@ -17,6 +17,7 @@ __all__ = [
     "SuiteEntry",
     "attack_batch",
     "build_suite",
+    "compare_reports",
     "evaluate_robustness",
     "list_suites",
     "prepare_attacks",

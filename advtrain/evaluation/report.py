@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,87 @@ log = logging.getLogger(__name__)
 def eps_key(eps: float) -> str:
     """The text form of an ε in reports and logged keys, e.g. ``0.3`` or ``0.03137``."""
     return f"{eps:.4g}"
+
+
+def eps_fraction(eps: float) -> str | None:
+    """``"8/255"`` for an ε in (0, 1) that is k/255 (to 1e-6 of a pixel level), else ``None``: the form papers and
+    leaderboards give L∞ budgets in."""
+    levels = eps * 255
+    k = round(levels)
+    return f"{k}/255" if 0 < eps < 1 and abs(levels - k) < 1e-6 else None
+
+
+#: RobustBench's spelling of each norm, the ``threat_model`` of a report.
+_THREAT_MODEL = {"linf": "Linf", "l2": "L2", "l1": "L1", "l0": "L0"}
+
+
+def sample_selection(index: Tensor, split: str | None = None) -> dict[str, Any]:
+    """Which samples an evaluation used: the split, the first position, the count, whether they are the ``count``
+    consecutive positions from the first (RobustBench's "first n test points"), and the SHA-256 of the sorted
+    positions written as decimal numbers joined by commas (``hashlib.sha256(b"0,1,2").hexdigest()`` for the first
+    three), which any language reproduces."""
+    positions = sorted(int(i) for i in index.flatten().tolist())
+    first = positions[0] if positions else None
+    contiguous = bool(positions) and positions == list(range(first, first + len(positions)))
+    digest = hashlib.sha256(",".join(map(str, positions)).encode()).hexdigest()
+    return {"split": split, "first": first, "count": len(positions), "contiguous": contiguous, "sha256": digest}
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a result depends on: advtrain, torch, Python and, when installed, robustbench."""
+    import importlib.metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out = {"advtrain": version("advtrain"), "torch": torch.__version__, "python": platform.python_version()}
+    robustbench = version("robustbench")
+    if robustbench is not None:
+        out["robustbench"] = robustbench
+    return out
+
+
+def device_name(device: torch.device | str) -> str:
+    """The hardware behind a device: the GPU's name for CUDA, the processor (or machine type) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or device.type
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (read in 1 MiB chunks), as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_metadata(
+    *,
+    checkpoint: str | Path | None,
+    split: str,
+    dataset: str,
+    device: torch.device | str,
+    suite: str | None,
+    seed: int,
+    robustbench: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``report.json`` records about a run beyond its numbers (which add the samples, threat model, ε, attack
+    configurations and versions): the checkpoint and its SHA-256, the split and datamodule, the device and its
+    hardware, the suite, the seed and the RobustBench entry, so that two reports can be compared
+    (:func:`compare_reports`) and a result reproduced."""
+    meta = {"checkpoint": None if checkpoint is None else str(checkpoint),
+            "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint), "split": split,
+            "dataset": dataset, "device": str(device), "device_name": device_name(device), "suite": suite,
+            "seed": seed}  # fmt: skip
+    if robustbench is not None:
+        meta["robustbench"] = dict(robustbench)
+    return meta
 
 
 def _median_with_failures(values: Tensor) -> float:
@@ -190,8 +273,11 @@ def summarize(
     summary = {
         **(dict(meta) if meta else {}),
         "samples": n,
+        "sample_selection": sample_selection(data["index"], (meta or {}).get("split")),
         "norm": norm,
+        "threat_model": _THREAT_MODEL.get(norm, norm),
         "eps": eps,
+        "eps_fraction": eps_fraction(eps),
         "eps_grid": list(grid),
         "cascade": cascade,
         "fused": fusion is not None,
@@ -203,6 +289,7 @@ def summarize(
         "masking_checks": [c.as_dict() for c in checks],
         "defects": defects,
         "wall_time_s": round(seconds, 3),
+        "versions": software_versions(),
     }
     return RobustnessReport(data=data, summary=summary, checks=checks)
 
@@ -235,14 +322,10 @@ def write_report(
     data = {**(dict(meta) if meta else {}), **report.as_dict()}
     (out / "report.json").write_text(json.dumps(_json_safe(data), indent=2))
     grid = data["eps_grid"]
-    lines = ["# advtrain robustness report", ""]
-    lines += [f"- {k}: `{v}`" for k, v in (meta or {}).items()]
+    lines = ["# advtrain robustness report", "", *_header(data, meta or {})]
     lines += [
-        f"- samples: {data['samples']}; threat model: {data['norm']}, ε = {data['eps']:g} "
-        f"(grid {', '.join(map(eps_key, grid))}); cascade: {data['cascade']}; fused: {data.get('fused', False)}",
-        f"- clean accuracy: {_pct(data['clean_accuracy'])}",
-        f"- robust accuracy, worst case over all attacks: {_pct(data['robust_accuracy_all'])}",
-        f"- wall time: {data['wall_time_s']:.1f} s",
+        f"- ε grid: {', '.join(map(eps_key, grid))}; cascade: {data['cascade']}; fused: {data.get('fused', False)}; "
+        f"wall time: {data['wall_time_s']:.1f} s",
         "",
         "## Robust accuracy per ε",
         "",
@@ -288,6 +371,81 @@ def write_report(
         plot_accuracy_vs_eps(report, out / "accuracy_vs_eps.png")
         plot_minimal_norms(report, out / "minimal_norms.png")
     return out
+
+
+#: Metadata keys the header table of ``report.md`` shows; other ``meta`` keys are listed below it.
+_HEADER_KEYS = ("robustbench", "checkpoint", "checkpoint_sha256", "dataset", "split", "device", "device_name", "suite",
+                "seed")  # fmt: skip
+
+
+def _header(data: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    """The leaderboard facts of a report as a two-column table: what was evaluated, on which samples, under which
+    threat model and attacks, with what result, software and hardware; then any other metadata as a list."""
+    rows = []
+    rb = data.get("robustbench")
+    if rb:
+        rows.append(("model", f"RobustBench `{rb['model']}` ({rb['dataset']}, {rb['threat_model']}; robustbench "
+                              f"{rb.get('version') or '?'})"))  # fmt: skip
+    if data.get("checkpoint"):
+        digest = f" (SHA-256 `{data['checkpoint_sha256']}`)" if data.get("checkpoint_sha256") else ""
+        rows.append(("checkpoint", f"`{data['checkpoint']}`{digest}"))
+    sel = data.get("sample_selection") or {}
+    if sel.get("count"):
+        span = (f"positions {sel['first']}–{sel['first'] + sel['count'] - 1}" if sel.get("contiguous")
+                else f"{sel['count']} positions from {sel['first']}")  # fmt: skip
+        where = ", ".join(str(v) for v in (data.get("dataset"), sel.get("split") and f"{sel['split']} split") if v)
+        rows.append(("samples", f"{sel['count']}{' of ' + where if where else ''}: {span} (SHA-256 `{sel['sha256']}`)"))
+    fraction = f" ({data['eps_fraction']})" if data.get("eps_fraction") else ""
+    rows.append(("threat model", f"{data.get('threat_model', data['norm'])}, ε = {data['eps']:.6g}{fraction}"))
+    suite = data.get("suite")
+    seed = data.get("seed")
+    attacks = ", ".join(data["attacks"])
+    rows.append(("attacks", f"{'suite ' + suite + ': ' if suite else ''}{attacks}"
+                            f"{'; seed ' + str(seed) if seed is not None else ''} (configurations below)"))  # fmt: skip
+    rows.append(("clean accuracy", _pct(data["clean_accuracy"])))
+    rows.append(("robust accuracy", f"{_pct(data['robust_accuracy_all'])} (worst case over all attacks)"))
+    versions = data.get("versions") or {}
+    rows.append(("software", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    if data.get("device"):
+        name = f" ({data['device_name']})" if data.get("device_name") else ""
+        rows.append(("device", f"{data['device']}{name}"))
+    lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    extra = [f"- {k}: `{v}`" for k, v in meta.items() if k not in _HEADER_KEYS]
+    return lines + extra
+
+
+#: What defines an evaluation: two reports that differ here did not evaluate the same model in the same way.
+_SETUP_KEYS = ("robustbench", "checkpoint_sha256", "threat_model", "eps", "eps_grid", "sample_selection", "seed",
+               "suite", "cascade")  # fmt: skip
+#: Where two runs of one evaluation may differ without changing what was evaluated (results may still move a little).
+_ENVIRONMENT_KEYS = ("versions", "device", "device_name", "fused", "max_fused_batch")
+
+
+def compare_reports(a: str | Path | Mapping[str, Any], b: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """What differs between two ``report.json`` files (paths or loaded dicts).
+
+    Returns:
+        ``{"same_setup": bool, "setup": {key: (a, b)}, "environment": {key: (a, b)}, "results": {key: (a, b, b − a)}}``:
+        ``setup`` holds the differing fields that define the evaluation (model file, threat model, ε, samples, seed,
+        suite, and ``attacks.<name>`` for an attack configuration present in only one or configured differently),
+        ``environment`` the differing versions and device, ``results`` the clean and worst-case robust accuracy and
+        each common attack's robust accuracy.
+    """
+    a, b = (json.loads(Path(r).read_text()) if isinstance(r, (str, Path)) else dict(r) for r in (a, b))
+    setup = {k: (a.get(k), b.get(k)) for k in _SETUP_KEYS if a.get(k) != b.get(k)}
+    attacks_a, attacks_b = a.get("attacks", {}), b.get("attacks", {})
+    for name in sorted(set(attacks_a) | set(attacks_b)):
+        config_a, config_b = (attacks.get(name, {}).get("config") for attacks in (attacks_a, attacks_b))
+        if config_a != config_b:
+            setup[f"attacks.{name}"] = (config_a, config_b)
+    environment = {k: (a.get(k), b.get(k)) for k in _ENVIRONMENT_KEYS if a.get(k) != b.get(k)}
+    pairs = {"clean_accuracy": (a.get("clean_accuracy"), b.get("clean_accuracy")),
+             "robust_accuracy_all": (a.get("robust_accuracy_all"), b.get("robust_accuracy_all"))}  # fmt: skip
+    for name in sorted(set(attacks_a) & set(attacks_b)):
+        pairs[f"attacks.{name}"] = (attacks_a[name].get("robust_accuracy"), attacks_b[name].get("robust_accuracy"))
+    results = {k: (x, y, y - x if isinstance(x, (int, float)) and isinstance(y, (int, float)) else None)
+               for k, (x, y) in pairs.items()}  # fmt: skip
+    return {"same_setup": not setup, "setup": setup, "environment": environment, "results": results}
 
 
 def accuracy_figure(report: RobustnessReport):

@@ -3,12 +3,15 @@
 Every model is a :class:`Classifier`: it takes images in ``[0, 1]``, normalises them internally, and is
 split into ``layer_one`` and ``rest`` for YOPO (Zhang et al., NeurIPS 2019). Importing this package
 registers the built-in architectures, so :func:`create_model` works on their names at once.
+:func:`load_robustbench` builds a RobustBench leaderboard model from a local weight file (optional ``robustbench``
+package; :mod:`advtrain.models.robustbench`).
 """
 
 from advtrain.models.base import Classifier
 from advtrain.models.madry_lenet import MadryLeNet
 from advtrain.models.preact_resnet import PreActResNet18
 from advtrain.models.registry import create_model, list_models, register_model
+from advtrain.models.robustbench import list_robustbench, load_robustbench
 from advtrain.models.small_cnn import SmallCNN
 from advtrain.models.wide_resnet import WideResNet
 
@@ -20,5 +23,7 @@ __all__ = [
     "WideResNet",
     "create_model",
     "list_models",
+    "list_robustbench",
+    "load_robustbench",
     "register_model",
 ]

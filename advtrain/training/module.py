@@ -23,6 +23,7 @@ from advtrain.engine.modes import attack_context
 from advtrain.errors import InvalidConfigError
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
+from advtrain.models.robustbench import describe_key_mismatch
 from advtrain.training.divergence import DivergenceWatch, check_every_option
 from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
 from advtrain.training.schedules import BudgetSchedule, total_steps_context
@@ -419,6 +420,11 @@ def _load_classifier_weights(
     """Loads classifier weights from an advtrain checkpoint (``model.*`` keys) or a plain state dict
     (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped).
 
+    A plain state dict may lack the model's ``mean``/``std`` buffers: the normalisation then stays the one the model
+    was built with (from the dataset). A state dict in RobustBench's WideResNet layout (``conv1``,
+    ``block1.layer.N``, ``convShortcut``, ``bn1``, ``fc``) loads into advtrain's ``wide_resnet`` through
+    :func:`~advtrain.models.robustbench.robustbench_wrn_state_dict`, when the renamed keys fit exactly.
+
     ``what`` names the option that chose the model, for the message when the weights do not fit (``init_weights``,
     or ``--arch`` for ``evaluate``); ``ckpt`` is the file's content when already read (by ``read_checkpoint``)."""
     from advtrain.training.checkpoint import CheckpointError, read_checkpoint
@@ -428,18 +434,42 @@ def _load_classifier_weights(
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    state, kept = _fit_known_layouts(model, state, path)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=not kept)
     except RuntimeError as err:
-        missing, unexpected = _key_mismatch(model.state_dict(), state)
         raise CheckpointError(
-            f"{what}: the weights in {path} do not fit the {type(model).__name__} model it names ({missing}missing, "
-            f"{unexpected}unexpected keys): pass the architecture they were trained with ({str(err).splitlines()[0]})"
+            f"{what}: the weights in {path} do not fit the {type(model).__name__} model it names "
+            f"({describe_key_mismatch(model.state_dict(), state, {'mean', 'std'})}): pass the architecture they were "
+            f"trained with ({str(err).splitlines()[0]})"
         ) from None
+    if kept:
+        log.info("%s: the weights in %s hold no %s; the model keeps the normalisation of its dataset.", what, path,
+                 "/".join(kept))  # fmt: skip
 
 
-def _key_mismatch(expected: dict, given: dict) -> tuple[str, str]:
-    """The missing and unexpected parameter names of a state dict, counted, with the first of each."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    return tuple(f"{len(keys)} {'(e.g. ' + keys[0] + ') ' if keys else ''}" for keys in (missing, unexpected))
+def _fit_known_layouts(model: torch.nn.Module, state: dict[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
+    """``state`` as it fits ``model``, and the normalisation buffers (``mean``/``std``) it lacks, which keep the
+    model's own values: unchanged, or renamed from RobustBench's WideResNet layout when that makes the keys fit
+    exactly. Anything else is returned unchanged (with no buffer to keep), for the strict load to refuse."""
+    from advtrain.models import WideResNet
+    from advtrain.models.robustbench import robustbench_wrn_state_dict
+
+    expected = set(model.state_dict())
+    normalisation = expected & {"mean", "std"}  # a Classifier's own buffers, set from the dataset when built
+
+    def fit(candidate: dict[str, Any]) -> list[str] | None:
+        missing = expected - set(candidate)
+        return sorted(missing) if set(candidate) <= expected and missing <= normalisation else None
+
+    kept = fit(state)
+    if kept is not None:
+        return state, kept
+    if isinstance(model, WideResNet):
+        mapped = robustbench_wrn_state_dict(state)
+        kept = fit(mapped) if mapped is not None else None
+        if kept is not None:
+            log.info("%s: RobustBench's WideResNet layout (conv1, block*.layer.*, convShortcut, fc) mapped onto "
+                     "advtrain's wide_resnet.", path)  # fmt: skip
+            return mapped, kept
+    return state, []
