@@ -136,6 +136,7 @@ def attack_batch(
     cascade: bool = True,
     fuse: str | bool = "auto",
     max_fused_batch: int = 1024,
+    on_verified: Callable[[int, int | None, Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:
     """Attacks one batch with every attack and verifies every claim.
 
@@ -170,6 +171,10 @@ def attack_batch(
         fuse: ``True``, ``False`` or ``"auto"`` (fuse on CUDA only), see :data:`FUSE_CHOICES`.
         max_fused_batch: the most rows of one fused call; tune it to the largest batch that still underfills the
             device.
+        on_verified: called after each verification of an attack's rows as ``on_verified(attack, column, index, x,
+            y, adv, fooled)``: the attack's position, the ε's position in ``grid`` (``None`` for a minimal-norm
+            attack), the rows' dataset indices, clean inputs, labels, verified (clipped) points and verified success
+            (e.g. :class:`~advtrain.evaluation.interpretability.InterpretabilityCollector`). Its cost is not timed.
 
     Returns:
         The batch record (tensors on the CPU): ``index``, ``correct``, ``x_norm`` (‖x‖ in the threat norm),
@@ -222,7 +227,7 @@ def attack_batch(
             result, seconds = _timed(lambda: lead(model, x[rows], y[rows]) if eps is None else
                                      lead(model, x[rows], y[rows], eps=eps), x.device)  # fmt: skip
             per_row = None
-        _, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
+        clipped, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
         found = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
         if per_row is None:  # one attack: the whole call is its own
             for name, value in (("forward_passes", result.forward_passes), ("backward_passes", result.backward_passes),
@@ -235,6 +240,8 @@ def attack_batch(
             for name, value in (("attacked", True), ("claimed", result.success[part]), ("fooled", fooled[part]),
                                 ("norms", found[part])):  # fmt: skip
                 ran[name][idx, a, columns] = value[:, None] if g is None and name != "attacked" else value
+            if on_verified is not None:
+                on_verified(a, g, rec["index"][idx.cpu()], x[idx], y[idx], clipped[part], fooled[part])
             if per_row is not None:  # a shared call: each attack gets the passes its rows spent, and their time share
                 forward, backward = (int(count[part].sum()) for count in per_row)
                 sums["forward_passes"][a] += forward
@@ -389,6 +396,7 @@ _SUMMED = ("forward_passes", "backward_passes", "seconds")
 def attack_batch_halving_on_oom(
     model: nn.Module, x: Tensor, y: Tensor, index: Tensor, attacks: Sequence[EvalAttack], grid: Sequence[float],
     *, geometry: Geometry, cascade: bool = True, fuse: str | bool = "auto", max_fused_batch: int = 1024,
+    on_verified: Callable[[int, int | None, Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:  # fmt: skip
     """:func:`attack_batch`, retried in halves (recursively) when the device runs out of memory.
 
@@ -396,7 +404,8 @@ def attack_batch_halving_on_oom(
     samples; deterministic attacks give the same numbers, seeded stochastic ones draw other random starts for the
     halves. A single sample that does not fit is reported with what to do.
     """
-    options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch}
+    options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch,
+               "on_verified": on_verified}  # fmt: skip
     try:
         return attack_batch(model, x, y, index, attacks, grid, **options)
     except torch.OutOfMemoryError as err:
@@ -470,6 +479,9 @@ def evaluate_robustness(
     resume: bool = False,
     tolerance: float = 0.01,
     meta: Mapping[str, Any] | None = None,
+    interpretability: bool = False,
+    is_percentiles: Sequence[float] | None = None,
+    gallery_samples: int = 4,
 ) -> RobustnessReport:
     """Evaluates a model under a set of attacks (or a suite) over a grid of budgets, verifying every claim.
 
@@ -500,6 +512,13 @@ def evaluate_robustness(
         resume: reuse the per-batch results of an earlier run with the same configuration found in ``partial_dir``.
         tolerance: fraction of samples above which a gradient-masking check fires.
         meta: extra facts for the report (checkpoint, split, ...).
+        interpretability: also score every attack's verified points by the interpretability score IS(ν) from the
+            adversarial saliency map and the CAM/Grad-CAM (seed 002, §6) and keep a gallery of examples
+            (:mod:`advtrain.evaluation.interpretability`): ``report.summary["interpretability"]`` and
+            ``report.interpretability``; one extra forward and three backward passes per scored point, not counted
+            in the attacks' passes or time.
+        is_percentiles: the percentiles ν of IS(ν) (default 30, 40, ..., 90).
+        gallery_samples: examples per attack in the gallery (0: none).
 
     Returns:
         The :class:`RobustnessReport`.
@@ -512,6 +531,13 @@ def evaluate_robustness(
     geometry = geometry_for(threat)
     rank, world = dist_info()
     model = model.to(device)
+    collector = None
+    if interpretability:
+        from advtrain.evaluation.interpretability import InterpretabilityCollector
+
+        collector = InterpretabilityCollector(model, [(e.name, e.minimal) for e in entries], grid, float(eps),
+                                              percentiles=is_percentiles, gallery_samples=gallery_samples,
+                                              norm=threat.value)  # fmt: skip
     records = RobustnessRecords(len(entries), len(grid)).to(device)
     start = time.perf_counter()
     fusion = max_fused_batch if fused else None
@@ -532,7 +558,7 @@ def evaluate_robustness(
         else:
             record = attack_batch_halving_on_oom(model, x.to(device), y.to(device), index, entries, grid,
                                                  geometry=geometry, cascade=cascade, fuse=fused,
-                                                 max_fused_batch=max_fused_batch)  # fmt: skip
+                                                 max_fused_batch=max_fused_batch, on_verified=collector)  # fmt: skip
             if path is not None:
                 torch.save(record, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write leaves no half file
@@ -541,11 +567,16 @@ def evaluate_robustness(
     bar.close()
     if reused:
         log.info("evaluate: resumed %d batches from %s", reused, partial)
+        if collector is not None:
+            log.warning("evaluate: the interpretability scores and gallery cover only the batches attacked in this "
+                        "run, not the %d resumed ones (rerun without --resume for all).", reused)  # fmt: skip
     data_out = records.results()
     report = summarize(
         data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance,
         seconds=time.perf_counter() - start, meta=meta, fusion=fusion,
     )  # fmt: skip
+    if collector is not None:
+        report.attach_interpretability(collector.finish(data_out))
     report.log_warnings()
     return report
 
