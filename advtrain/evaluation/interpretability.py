@@ -692,6 +692,7 @@ class InterpretabilityCollector:
         column = 0 if column is None else int(column)
         if column > self.main:
             return
+        self.maps.resolve(x)  # once, on the first rows attacked: the report names the map even if nothing breaks
         keep = fooled.nonzero().squeeze(1)
         if keep.numel() == 0:
             return
