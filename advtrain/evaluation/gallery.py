@@ -9,7 +9,7 @@ From an evaluation's :class:`~advtrain.evaluation.interpretability.Interpretabil
   CAM or Grad-CAM of the true class over the clean image (with the CAM-based IS), as seed 002's Fig. 3 and A2 show
   them;
 * one figure comparing the attacks on the same samples (:func:`comparison_figure`): a row per sample, a column per
-  attack's perturbation, on one colour scale per row.
+  attack that broke one of them (its perturbation), on one colour scale per row.
 
 Colour images show δ, the ASM and ``B_ASM`` summed (``B``: any channel) over the channels. Images are drawn with
 nearest interpolation, so MNIST's 28×28 pixels stay pixels. Figures are bare :class:`matplotlib.figure.Figure`
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -141,14 +142,15 @@ def attack_figure(result: InterpretabilityResult, name: str):
 
 def comparison_figure(result: InterpretabilityResult):
     """The attacks' perturbations of the same samples side by side (``None`` without a sample): a row per sample,
-    the clean image then one column per attack, all on the row's colour scale."""
+    the clean image then one column per attack that broke one of them, all on the row's colour scale."""
     from matplotlib.figure import Figure
 
     indices = result.comparison
     if not indices:
         return None
-    names = result.attacks
-    fig = Figure(figsize=((len(names) + 1) * _CELL, len(indices) * (_CELL + 0.15) + 0.6), dpi=_DPI)
+    names = [name for name in result.attacks if any(i in result.examples.get(name, {}) for i in indices)]
+    height = len(indices) * (_CELL + 0.45) + 0.6
+    fig = Figure(figsize=((len(names) + 1) * _CELL, height), dpi=_DPI)
     axes = np.atleast_2d(fig.subplots(len(indices), len(names) + 1, squeeze=False))
     for row, index in enumerate(indices):
         items = {name: result.examples[name].get(index) for name in names}
@@ -160,17 +162,19 @@ def comparison_figure(result: InterpretabilityResult):
         for col, name in enumerate(names, start=1):
             ax, item = axes[row, col], items[name]
             if item is None:
-                ax.text(0.5, 0.5, "not broken\n(or credited to an\nearlier attack)", ha="center", va="center",
-                        fontsize=7, color="grey", transform=ax.transAxes)  # fmt: skip
+                ax.text(0.5, 0.5, "not broken here\n(or, in the cascade,\nby an earlier attack)", ha="center",
+                        va="center", fontsize=7, color="grey", transform=ax.transAxes)  # fmt: skip
                 ax.set_title(name, fontsize=8)
             else:
                 _signed(ax, deltas[name], scale)
                 ax.set_title(f"{name}: → class {item.adv_class}\n{_sizes(item)}", fontsize=7)
             _clean_axes(ax)
         _clean_axes(axes[row, 0])
-    fig.suptitle(f"Perturbations of the same samples per attack ({result.norm}); red = brighter, blue = darker, one "
-                 "colour scale per row", fontsize=10)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    title = f"Perturbations of the same samples per attack ({result.norm}); red = brighter, blue = darker, one colour "
+    title += "scale per row"
+    lines = textwrap.wrap(title, width=int(12 * (len(names) + 1) * _CELL))  # about 12 characters an inch at 10 pt
+    fig.suptitle("\n".join(lines), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.17 * len(lines)) / height))
     return fig
 
 
