@@ -376,7 +376,7 @@ def test_two_process_ddp_gives_the_single_process_scores(tmp_path):
     single = _evaluate(*_problem()).summary["interpretability"]
     for rank in range(2):
         ddp = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
-        assert ddp["gallery_samples"] == single["gallery_samples"]
+        assert ddp["gallery_indices"] == single["gallery_indices"]
         for name, entry in single["attacks"].items():
             assert ddp["attacks"][name]["samples"] == entry["samples"]
             for kind in ("asm", "cam"):

@@ -612,8 +612,10 @@ class InterpretabilityResult:
     comparison: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The numbers of ``report.json``: per attack the number of samples, the mean IS at each ν (keys as
-        ``"30"``) and the mean over ν, from the ASM and from the CAM."""
+        """The numbers of ``report.json``: ``percentiles``, ``map`` (``"cam"``, ``"grad_cam"`` or ``None``),
+        ``asm_variant``, ``gallery_indices`` (the comparison gallery's samples) and per attack the number of samples
+        it broke, the mean IS at each ν (keys as ``"30"``) and the mean over ν, from the ASM (``asm``, ``asm_mean``)
+        and from the CAM or Grad-CAM (``cam``, ``cam_mean``)."""
         keys = [f"{p:g}" for p in self.percentiles]
         attacks = {}
         for name in self.attacks:
@@ -626,7 +628,7 @@ class InterpretabilityResult:
                 entry[f"{kind}_mean"] = sum(finite) / len(finite) if finite else math.nan
             attacks[name] = entry
         return {"percentiles": list(self.percentiles), "map": self.method, "asm_variant": self.variant,
-                "gallery_samples": self.comparison, "attacks": attacks}  # fmt: skip
+                "gallery_indices": self.comparison, "attacks": attacks}  # fmt: skip
 
 
 class InterpretabilityCollector:
