@@ -430,3 +430,19 @@ def test_evaluate_command_writes_is_fields_and_gallery_pngs(tmp_path):
         image = imread(out / name)
         assert image.shape[0] > 200 and image.shape[1] >= 400 and image.std() > 0  # two images across at least
     assert "IS_ASM(90)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--is_percentiles", "[30, 100]"), ("--gallery_samples", "-1")])
+def test_evaluate_refuses_bad_interpretability_options_in_one_line(tmp_path, monkeypatch, caplog, flag, value):
+    from advtrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "plain.pt"
+    torch.save(create_model("small_cnn", width=8, hidden=32).state_dict(), path)
+    args = ["evaluate", "--config", QUICKSTART, "--trainer.logger", "false", "--ckpt_path", str(path), "--arch",
+            "small_cnn", "--arch_kwargs", '{"width": 8, "hidden": 32}', "--suite", "quick", "--max_samples", "4",
+            "--progress", "false", "--interpretability", "true", flag, value]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert flag.removeprefix("--") in caplog.text and not (tmp_path / "plain-eval" / "report.json").exists()

@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
+from advtrain.errors import InvalidConfigError
 from advtrain.evaluation.interpretability import check_percentiles
 from advtrain.evaluation.report import RobustnessReport, accuracy_figure
 from advtrain.evaluation.robust import evaluate_robustness, fusion_enabled, prepare_attacks
@@ -109,7 +110,7 @@ class RobustEvaluation(pl.Callback):
         self.interpretability = bool(interpretability)
         self.is_percentiles = check_percentiles(is_percentiles) if interpretability else is_percentiles
         if isinstance(gallery_samples, bool) or not isinstance(gallery_samples, int) or gallery_samples < 0:
-            raise ValueError(f"gallery_samples must be an int >= 0, got {gallery_samples!r}.")
+            raise InvalidConfigError(f"gallery_samples must be an int >= 0, got {gallery_samples!r}.")
         self.gallery_samples = gallery_samples
         self.last_report: RobustnessReport | None = None
         self.history: list[dict[str, float]] = []

@@ -162,6 +162,7 @@ def comparison_figure(result: InterpretabilityResult):
         for col, name in enumerate(names, start=1):
             ax, item = axes[row, col], items[name]
             if item is None:
+                ax.imshow(np.ones(first.x.shape[1:]), cmap="gray", vmin=0, vmax=1)  # the cell keeps the image's shape
                 ax.text(0.5, 0.5, "not broken here\n(or, in the cascade,\nby an earlier attack)", ha="center",
                         va="center", fontsize=7, color="grey", transform=ax.transAxes)  # fmt: skip
                 ax.set_title(name, fontsize=8)

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.errors import InvalidConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def check_percentiles(percentiles: Sequence[float] | None, name: str = "is_perce
     """The percentiles ν as sorted unique floats in [0, 100); ``None`` gives :data:`PERCENTILES`.
 
     Raises:
-        ValueError: for an empty list or a value outside [0, 100), naming ``name``.
+        InvalidConfigError (a ValueError): for an empty list or a value outside [0, 100), naming ``name``.
     """
     if percentiles is None:
         return list(PERCENTILES)
@@ -89,7 +90,8 @@ def check_percentiles(percentiles: Sequence[float] | None, name: str = "is_perce
     values = [float(p) for p in percentiles]
     bad = [p for p in values if not 0.0 <= p < 100.0 or math.isnan(p)]
     if not values or bad:
-        raise ValueError(f"{name} must be a non-empty list of percentiles in [0, 100) (e.g. [30, 50, 70, 90]), got "
+        raise InvalidConfigError(f"{name} must be a non-empty list of percentiles in [0, 100) (e.g. [30, 50, 70, 90]), "
+                                 f"got "
                          f"{list(percentiles)!r}.")  # fmt: skip
     return sorted(set(values))
 
@@ -673,7 +675,7 @@ class InterpretabilityCollector:
         method: str = "auto",
     ) -> None:
         if isinstance(gallery_samples, bool) or not isinstance(gallery_samples, int) or gallery_samples < 0:
-            raise ValueError(f"gallery_samples must be an int >= 0, got {gallery_samples!r}.")
+            raise InvalidConfigError(f"gallery_samples must be an int >= 0, got {gallery_samples!r}.")
         if variant not in ASM_VARIANTS:
             raise ValueError(f"variant must be one of {ASM_VARIANTS}, got {variant!r}.")
         self.model = model

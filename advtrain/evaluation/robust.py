@@ -515,8 +515,8 @@ def evaluate_robustness(
         interpretability: also score every attack's verified points by the interpretability score IS(ν) from the
             adversarial saliency map and the CAM/Grad-CAM (seed 002, §6) and keep a gallery of examples
             (:mod:`advtrain.evaluation.interpretability`): ``report.summary["interpretability"]`` and
-            ``report.interpretability``; one extra forward and three backward passes per scored point, not counted
-            in the attacks' passes or time.
+            ``report.interpretability``; three forward and two or three backward passes per scored point, not
+            counted in the attacks' passes or time.
         is_percentiles: the percentiles ν of IS(ν) (default 30, 40, ..., 90).
         gallery_samples: examples per attack in the gallery (0: none).
 
