@@ -40,11 +40,11 @@ the quickstart model), mean IS over the digits where both attacks reach the targ
 On the naturally trained network (the seed's setting) the claim holds in shape: StrAttack's IS is higher at every ν,
 from the ASM on 99% of the digits, and from Grad-CAM on average (0.662 against 0.575 over ν). On the adversarially
 trained quickstart model it does not hold for the ASM (0.315 against 0.357; StrAttack higher on 30% of the digits);
-from Grad-CAM its mean is slightly higher up to ν = 70 (0.593 against 0.576 over ν) and lower at ν = 90. The ASM-based IS is flat from the 30th to the 70th
-percentile: the ASM's sign conditions leave it positive on only 15–40% of a digit's pixels, so those percentiles are 0
-and B(ν) is the positive set, and both attacks put almost all their energy there into its top 10%. C&W's L0 is 784
-because its tanh change of variables leaves no pixel exactly unchanged. C&W reaches fewer targets at this budget
-(the comparison is over the digits both reach).
+from Grad-CAM its mean is slightly higher up to ν = 70 (0.593 against 0.576 over ν) and lower at ν = 90. The ASM-based
+IS is flat from the 30th to the 70th percentile: the ASM's sign conditions leave it positive on only 15–40% of a
+digit's pixels, so those percentiles are 0 and B(ν) is the positive set, and both attacks put almost all their energy
+there into its top 10%. C&W's L0 is 784 because its tanh change of variables leaves no pixel exactly unchanged. C&W
+reaches fewer targets at this budget (the comparison is over the digits both reach).
 """
 
 from __future__ import annotations

@@ -365,7 +365,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned processes: about 20 s on 2 shared cores
 def test_two_process_ddp_gives_the_single_process_scores(tmp_path):
     import socket
 
