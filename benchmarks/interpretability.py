@@ -27,8 +27,8 @@ attacks' perturbations side by side, and each attack's ASM/Grad-CAM view) is wri
 Writes ``benchmarks/results/interpretability.json`` and ``interpretability_<model>_*.png``.
 
 Measured here (the defaults: 100 digits, 200 iterations × 5 search steps, StrAttack's refinement 100 × 2; the
-quickstart model at 3 epochs; about 17 minutes of wall time on 2 CPU cores shared with other jobs, 4 of them training
-the quickstart model), mean IS over the digits where both attacks reach the target:
+quickstart model at 3 epochs; about 17 minutes of wall time, some 4 of them training the quickstart model, on 2 CPU
+cores shared with other jobs), mean IS over the digits where both attacks reach the target:
 
 | model | attack | success | L0 | L2 | IS_ASM(30…70) | IS_ASM(90) | IS_Grad-CAM(30 / 60 / 90) | StrAttack higher on |
 |---|---|---|---|---|---|---|---|---|
