@@ -226,6 +226,9 @@ class AdvTrainer(pl.Trainer):
         plots: bool = True,
         overwrite: bool = False,
         adaptive: bool | None = None,
+        interpretability: bool = False,
+        is_percentiles: list[float] | None = None,
+        gallery_samples: int = 4,
     ) -> dict[str, Any]:
         """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
         attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
@@ -280,6 +283,11 @@ class AdvTrainer(pl.Trainer):
                 queries and restarts, a transfer attack from a smoothed surrogate, EOT for random outputs) instead of
                 only warning; default: on for ``autoattack``/``standard`` and ``full``. The report says what fired,
                 what ran and what it changed.
+            interpretability: also score each attack's adversarial examples by the interpretability score IS(ν) from
+                the adversarial saliency map and the CAM/Grad-CAM (seed 002, §6; ``interpretability`` in the report)
+                and write galleries of examples (``gallery_attacks.png``, ``gallery_<attack>.png``).
+            is_percentiles: the percentiles ν of IS(ν) (default ``[30, 40, 50, 60, 70, 80, 90]``).
+            gallery_samples: examples per attack in the galleries.
 
         The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
         ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
@@ -358,6 +366,7 @@ class AdvTrainer(pl.Trainer):
             batch_size=batch_size, device=device,
             max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
             adaptive=adaptive,
+            interpretability=interpretability, is_percentiles=is_percentiles, gallery_samples=gallery_samples,
         )  # fmt: skip
         data = report.as_dict()
         if not self.is_global_zero:

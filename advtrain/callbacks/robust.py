@@ -11,6 +11,8 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from typing_extensions import override
 
+from advtrain.errors import InvalidConfigError
+from advtrain.evaluation.interpretability import check_percentiles
 from advtrain.evaluation.report import RobustnessReport, accuracy_figure
 from advtrain.evaluation.robust import evaluate_robustness, fusion_enabled, prepare_attacks
 from advtrain.evaluation.sampling import seeded_subset
@@ -64,6 +66,11 @@ class RobustEvaluation(pl.Callback):
         overrides: per-attack hyperparameters replacing the suite's, e.g. ``{"square": {"steps": 100}}``.
         tolerance: fraction of samples above which a masking check fires.
         prefix: prefix of the logged keys.
+        interpretability: also score the attacks' adversarial examples by IS(ν) from the adversarial saliency map and
+            the CAM/Grad-CAM (seed 002, §6): logged as ``{prefix}/<attack>/is_asm@<ν>``, ``is_asm_mean``,
+            ``is_cam@<ν>``, ``is_cam_mean``; a W&B logger also gets the galleries of examples as images.
+        is_percentiles: the percentiles ν of IS(ν) (default 30, 40, ..., 90).
+        gallery_samples: examples per attack in the galleries.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[RobustEvaluation(suite="quick", num_samples=200)])  # doctest: +SKIP
@@ -86,6 +93,9 @@ class RobustEvaluation(pl.Callback):
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         tolerance: float = 0.01,
         prefix: str = "robust",
+        interpretability: bool = False,
+        is_percentiles: Sequence[float] | None = None,
+        gallery_samples: int = 4,
     ) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}.")
@@ -97,6 +107,11 @@ class RobustEvaluation(pl.Callback):
         self.fuse, self.max_fused_batch = fuse, max_fused_batch
         self.overrides = dict(overrides or {})
         self.tolerance, self.prefix = float(tolerance), prefix
+        self.interpretability = bool(interpretability)
+        self.is_percentiles = check_percentiles(is_percentiles) if interpretability else is_percentiles
+        if isinstance(gallery_samples, bool) or not isinstance(gallery_samples, int) or gallery_samples < 0:
+            raise InvalidConfigError(f"gallery_samples must be an int >= 0, got {gallery_samples!r}.")
+        self.gallery_samples = gallery_samples
         self.last_report: RobustnessReport | None = None
         self.history: list[dict[str, float]] = []
         if norm is not None and eps is not None:
@@ -154,6 +169,8 @@ class RobustEvaluation(pl.Callback):
                 cascade=self.cascade, fuse=self.fuse, max_fused_batch=self.max_fused_batch,
                 batch_size=self.batch_size, device=pl_module.device, progress=False,
                 tolerance=self.tolerance, meta={"split": split, "epoch": trainer.current_epoch},
+                interpretability=self.interpretability, is_percentiles=self.is_percentiles,
+                gallery_samples=self.gallery_samples,
             )  # fmt: skip
         scalars = report.scalars(self.prefix)
         for key, value in scalars.items():
@@ -176,7 +193,8 @@ class RobustEvaluation(pl.Callback):
 
 
 def log_report_to_wandb(logger: WandbLogger, report: RobustnessReport, prefix: str = "robust", step: int = 0) -> None:
-    """Logs an evaluation's accuracy-versus-ε table, line plot and figure to a W&B run.
+    """Logs an evaluation's accuracy-versus-ε table, line plot and figure to a W&B run, and the galleries of an
+    evaluation with interpretability (``{prefix}/gallery/<name>``, through ``log_image``).
 
     Args:
         logger: the Lightning W&B logger.
@@ -202,6 +220,11 @@ def log_report_to_wandb(logger: WandbLogger, report: RobustnessReport, prefix: s
             "trainer/global_step": step,
         }
     )
+    if report.interpretability is not None:
+        from advtrain.evaluation.gallery import figure_array, gallery_figures
+
+        for stem, figure in gallery_figures(report.interpretability).items():
+            logger.log_image(f"{prefix}/gallery/{stem.removeprefix('gallery_')}", [figure_array(figure)], step=step)
 
 
 __all__ = ["RobustEvaluation", "log_report_to_wandb"]

@@ -130,14 +130,23 @@ class RobustnessReport:
         data: the gathered per-sample records (see :func:`advtrain.evaluation.robust.attack_batch`).
         summary: the numbers, as in ``report.json``.
         checks: the gradient-masking checks.
+        interpretability: the interpretability scores and gallery
+            (:class:`~advtrain.evaluation.interpretability.InterpretabilityResult`) of an evaluation run with
+            ``interpretability=True``, else ``None``.
     """
 
     data: dict[str, Tensor]
     summary: dict[str, Any]
     checks: list[MaskingCheck] = field(default_factory=list)
+    interpretability: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         return self.summary
+
+    def attach_interpretability(self, result: Any) -> None:
+        """Adds an evaluation's interpretability result: its numbers go to ``summary["interpretability"]``."""
+        self.interpretability = result
+        self.summary["interpretability"] = result.summary()
 
     @property
     def fired(self) -> list[str]:
@@ -172,6 +181,10 @@ class RobustnessReport:
                 out[f"{prefix}/{name}/{stat}"] = float(a[stat])
         for check in self.checks:
             out[f"{prefix}/masking/{check.name}"] = float(check.fired)
+        if "interpretability" in s:
+            from advtrain.evaluation.interpretability import interpretability_scalars
+
+            out.update(interpretability_scalars(s["interpretability"], prefix))
         out[f"{prefix}/time_s"] = s["wall_time_s"]
         return out
 
@@ -316,10 +329,15 @@ def write_report(
     report: RobustnessReport, output: str | Path, meta: Mapping[str, Any] | None = None, plots: bool = True
 ) -> Path:
     """Writes ``report.json``, ``report.md`` and (with ``plots``) ``accuracy_vs_eps.png`` and ``minimal_norms.png``
-    into ``output``; returns the folder."""
+    into ``output``, and the gallery PNGs of an evaluation with interpretability; returns the folder."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     data = {**(dict(meta) if meta else {}), **report.as_dict()}
+    if report.interpretability is not None:
+        from advtrain.evaluation.gallery import write_galleries
+
+        files = write_galleries(report.interpretability, out) if plots else []
+        data["interpretability"] = {**data["interpretability"], "gallery_files": [f.name for f in files]}
     (out / "report.json").write_text(json.dumps(_json_safe(data), indent=2))
     grid = data["eps_grid"]
     lines = ["# advtrain robustness report", "", *_header(data, meta or {})]
@@ -365,6 +383,10 @@ def write_report(
                   f"{st['seconds']:.1f} |" for st in esc["steps"]]  # fmt: skip
     if data["defects"]:
         lines += ["", "## Attack defects", ""] + [f"- {d}" for d in data["defects"]]
+    if "interpretability" in data:
+        from advtrain.evaluation.interpretability import interpretability_markdown
+
+        lines += interpretability_markdown(data["interpretability"])
     lines += ["", "Attack configurations:", ""] + [f"- {n}: `{a['config']}`" for n, a in data["attacks"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     if plots:

@@ -138,6 +138,7 @@ def attack_batch(
     fuse: str | bool = "auto",
     max_fused_batch: int = 1024,
     standing: Tensor | None = None,
+    on_verified: Callable[[int, int | None, Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:
     """Attacks one batch with every attack and verifies every claim.
 
@@ -174,6 +175,10 @@ def attack_batch(
             device.
         standing: (B, G) bool, which samples earlier attacks left standing at each ε (an escalation after a suite):
             only those are attacked there, and only those can count as robust. Default: every sample.
+        on_verified: called after each verification of an attack's rows as ``on_verified(attack, column, index, x,
+            y, adv, fooled)``: the attack's position, the ε's position in ``grid`` (``None`` for a minimal-norm
+            attack), the rows' dataset indices, clean inputs, labels, verified (clipped) points and verified success
+            (e.g. :class:`~advtrain.evaluation.interpretability.InterpretabilityCollector`). Its cost is not timed.
 
     Returns:
         The batch record (tensors on the CPU): ``index``, ``correct``, ``x_norm`` (‖x‖ in the threat norm),
@@ -228,7 +233,7 @@ def attack_batch(
             result, seconds = _timed(lambda: lead(model, x[rows], y[rows]) if eps is None else
                                      lead(model, x[rows], y[rows], eps=eps), x.device)  # fmt: skip
             per_row = None
-        _, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
+        clipped, fooled, norms = verify(model, x[rows], y[rows], result.adv, geometry, eps)
         found = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
         if per_row is None:  # one attack: the whole call is its own
             for name, value in (("forward_passes", result.forward_passes), ("backward_passes", result.backward_passes),
@@ -241,6 +246,8 @@ def attack_batch(
             for name, value in (("attacked", True), ("claimed", result.success[part]), ("fooled", fooled[part]),
                                 ("norms", found[part])):  # fmt: skip
                 ran[name][idx, a, columns] = value[:, None] if g is None and name != "attacked" else value
+            if on_verified is not None:
+                on_verified(a, g, rec["index"][idx.cpu()], x[idx], y[idx], clipped[part], fooled[part])
             if per_row is not None:  # a shared call: each attack gets the passes its rows spent, and their time share
                 forward, backward = (int(count[part].sum()) for count in per_row)
                 sums["forward_passes"][a] += forward
@@ -396,6 +403,7 @@ def attack_batch_halving_on_oom(
     model: nn.Module, x: Tensor, y: Tensor, index: Tensor, attacks: Sequence[EvalAttack], grid: Sequence[float],
     *, geometry: Geometry, cascade: bool = True, fuse: str | bool = "auto", max_fused_batch: int = 1024,
     standing: Tensor | None = None,
+    on_verified: Callable[[int, int | None, Tensor, Tensor, Tensor, Tensor, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:  # fmt: skip
     """:func:`attack_batch`, retried in halves (recursively) when the device runs out of memory.
 
@@ -403,7 +411,8 @@ def attack_batch_halving_on_oom(
     samples; deterministic attacks give the same numbers, seeded stochastic ones draw other random starts for the
     halves. A single sample that does not fit is reported with what to do.
     """
-    options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch}
+    options = {"geometry": geometry, "cascade": cascade, "fuse": fuse, "max_fused_batch": max_fused_batch,
+               "on_verified": on_verified}  # fmt: skip
     try:
         return attack_batch(model, x, y, index, attacks, grid, **options, standing=standing)
     except torch.OutOfMemoryError as err:
@@ -488,6 +497,9 @@ def evaluate_robustness(
     meta: Mapping[str, Any] | None = None,
     adaptive: bool | None = None,
     escalation_options: Mapping[str, Mapping[str, Any]] | None = None,
+    interpretability: bool = False,
+    is_percentiles: Sequence[float] | None = None,
+    gallery_samples: int = 4,
 ) -> RobustnessReport:
     """Evaluates a model under a set of attacks (or a suite) over a grid of budgets, verifying every claim.
 
@@ -527,6 +539,13 @@ def evaluate_robustness(
             report's ``escalation`` entry says which checks fired, what ran and what each step changed.
         escalation_options: per-label hyperparameters of the escalation attacks, e.g. ``{"square-more": {"steps":
             2000}}``.
+        interpretability: also score every attack's verified points by the interpretability score IS(ν) from the
+            adversarial saliency map and the CAM/Grad-CAM (seed 002, §6) and keep a gallery of examples
+            (:mod:`advtrain.evaluation.interpretability`): ``report.summary["interpretability"]`` and
+            ``report.interpretability``; three forward and two or three backward passes per scored point, not
+            counted in the attacks' passes or time.
+        is_percentiles: the percentiles ν of IS(ν) (default 30, 40, ..., 90).
+        gallery_samples: examples per attack in the gallery (0: none).
 
     Returns:
         The :class:`RobustnessReport`.
@@ -540,13 +559,20 @@ def evaluate_robustness(
         adaptive = suite is not None and ALIASES.get(suite, suite) in ADAPTIVE_SUITES
     geometry = geometry_for(threat)
     model = model.to(device)
+    collector = None
+    if interpretability:
+        from advtrain.evaluation.interpretability import InterpretabilityCollector
+
+        collector = InterpretabilityCollector(model, [(e.name, e.minimal) for e in entries], grid, float(eps),
+                                              percentiles=is_percentiles, gallery_samples=gallery_samples,
+                                              norm=threat.value)  # fmt: skip
     start = time.perf_counter()
     fusion = max_fused_batch if fused else None
     run = {"model": model, "data": data, "grid": grid, "geometry": geometry, "cascade": cascade, "fuse": fused,
            "max_fused_batch": max_fused_batch, "batch_size": batch_size, "device": device, "max_samples": max_samples,
            "progress": progress, "fusion": fusion}  # fmt: skip
-    data_out = _records(entries, partial_dir, resume, **run)
-    escalation = None
+    data_out = _records(entries, partial_dir, resume, on_verified=collector, **run)
+    suite_size, escalation = len(entries), None
     if adaptive:
         first = summarize(data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance)
         extra, escalation = plan_escalation(first, threat=threat, eps=eps, seed=seed, options=escalation_options)
@@ -564,8 +590,21 @@ def evaluate_robustness(
     )  # fmt: skip
     if escalation is not None:
         report.summary["escalation"] = describe_escalation(escalation, report, first)
+    if collector is not None:  # the suite's attacks only: the escalation's are not scored
+        report.attach_interpretability(collector.finish(_columns(data_out, suite_size)))
     report.log_warnings()
     return report
+
+
+def _columns(data: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
+    """The records of the first ``count`` attacks only."""
+    out = dict(data)
+    for name, kind in PER_SAMPLE.items():
+        if kind == "ag":
+            out[name] = data[name][:, :count]
+    for name in PER_ATTACK:
+        out[name] = data[name][:count]
+    return out
 
 
 def _standing(data: Mapping[str, Tensor], grid: Sequence[float]) -> Tensor:
@@ -592,7 +631,7 @@ def _join(first: Mapping[str, Tensor], second: Mapping[str, Tensor]) -> dict[str
 
 def _records(entries, partial_dir, resume, *, model, data, grid, geometry, cascade, fuse, max_fused_batch, batch_size,
              device, max_samples, progress, fusion, standing: tuple[Tensor, Tensor] | None = None,
-             ) -> dict[str, Tensor]:  # fmt: skip
+             on_verified=None) -> dict[str, Tensor]:  # fmt: skip
     """Attacks every batch (or reuses the per-batch results of an interrupted run) and gathers the records;
     ``standing`` = (dataset indices, (N, G) mask) restricts the attacks to the samples still standing per ε."""
     rank, world = dist_info()
@@ -618,7 +657,8 @@ def _records(entries, partial_dir, resume, *, model, data, grid, geometry, casca
             mask = None if standing is None else standing[1][[positions[int(i)] for i in index]]
             record = attack_batch_halving_on_oom(model, x.to(device), y.to(device), index, entries, grid,
                                                  geometry=geometry, cascade=cascade, fuse=fuse,
-                                                 max_fused_batch=max_fused_batch, standing=mask)  # fmt: skip
+                                                 max_fused_batch=max_fused_batch, standing=mask,
+                                                 on_verified=on_verified)  # fmt: skip
             if path is not None:
                 torch.save(record, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)  # atomic: an interrupted write leaves no half file
@@ -627,6 +667,9 @@ def _records(entries, partial_dir, resume, *, model, data, grid, geometry, casca
     bar.close()
     if reused:
         log.info("evaluate: resumed %d batches from %s", reused, partial)
+        if on_verified is not None:
+            log.warning("evaluate: the interpretability scores and gallery cover only the batches attacked in this "
+                        "run, not the %d resumed ones (rerun without --resume for all).", reused)  # fmt: skip
     return records.results()
 
 
