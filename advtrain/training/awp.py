@@ -103,9 +103,8 @@ class AWP:
         """Takes the ascent step: ``loss_fn()`` (the objective's loss at the current weights) is evaluated with the
         model's buffers (BatchNorm statistics) restored afterwards, and each weight moves by its offset."""
         params = self.weights(model)
-        with _buffers_kept(model):
-            loss = loss_fn()
-        offsets = self.offsets(params, loss)
+        with _buffers_kept(model):  # put back after the backward pass, which may read them
+            offsets = self.offsets(params, loss_fn())
         original = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, w, v in zip(params, original, offsets, strict=True):
