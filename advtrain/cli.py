@@ -229,6 +229,7 @@ class AdvTrainer(pl.Trainer):
         interpretability: bool = False,
         is_percentiles: list[float] | None = None,
         gallery_samples: int = 4,
+        averaged_weights: bool = True,
     ) -> dict[str, Any]:
         """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
         attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
@@ -288,6 +289,9 @@ class AdvTrainer(pl.Trainer):
                 and write galleries of examples (``gallery_attacks.png``, ``gallery_<attack>.png``).
             is_percentiles: the percentiles ν of IS(ν) (default ``[30, 40, 50, 60, 70, 80, 90]``).
             gallery_samples: examples per attack in the galleries.
+            averaged_weights: a checkpoint written with weight averaging (:class:`advtrain.callbacks.EMA`) holds the
+                averaged weights and the live ones: evaluate the averaged (default; the log says so) or, with
+                ``false``, the live weights of the last step.
 
         The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
         ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
@@ -318,7 +322,8 @@ class AdvTrainer(pl.Trainer):
             norm = norm or entry.norm
             eps = eps if eps is not None else default_eps(entry.dataset, norm)
         else:
-            model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint)
+            model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint,
+                                      averaged_weights)  # fmt: skip
         # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
         base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
         if norm is not None and eps is None and getattr(base, "eps", None) is not None and not attacks:
@@ -434,7 +439,7 @@ class AdvTrainer(pl.Trainer):
         return self.evaluate(**kwargs)
 
 
-def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
+def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust, averaged_weights=True):
     """The model to evaluate: the checkpoint's weights (an advtrain checkpoint's classifier, or a plain state dict)
     loaded into ``--arch`` or else into the given module's classifier; without a checkpoint, the given (untrained)
     module. Through the CLI the module is built from the config layered over the checkpoint's hyperparameters
@@ -446,6 +451,16 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust):
         log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
         return model
     ckpt = read_checkpoint(ckpt_path, trust=trust)
+    from advtrain.callbacks.averaging import averaged_state
+
+    if averaged_state(ckpt):
+        if averaged_weights:
+            log.info("evaluate: %s holds weight-averaged (EMA) weights: evaluating the averaged weights "
+                     "(--averaged_weights false evaluates the last step's live weights).", ckpt_path)  # fmt: skip
+        else:
+            log.info("evaluate: %s holds weight-averaged (EMA) weights: evaluating the last step's live weights "
+                     "(current_model_state), as --averaged_weights false asks.", ckpt_path)  # fmt: skip
+            ckpt = {**ckpt, "state_dict": ckpt["current_model_state"]}
     if arch is not None:
         facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
         classifier = _build_model(arch, arch_kwargs or {}, *facts)

@@ -11,8 +11,12 @@ evaluation shows. Training time per epoch excludes validation (``EpochTimer``).
 
 The variants show the seed's cost claims side by side: YOPO-5-3 and YOPO-5-10 against PGD-5 (the same number of full
 passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), and Fast AT against PGD-10.
+Issue 16's methods: AWP against its base method (``pgd10-awp`` vs ``pgd10``, ``trades-awp`` vs ``trades``), MART
+against TRADES, the EMA against the last weights (``pgd10-ema`` is ``pgd10``'s run, same seed and same trajectory,
+evaluated on its averaged weights), and Free AT (m = 4) for ceil(epochs / 4) epochs, about the passes of standard
+training, against PGD.
 
-    python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200]
+    python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200] [--seed 0]
     python benchmarks/train_compare.py --cost-only [--cost-batches 10] [--cost-rounds 3] [--methods ...]
 
 Prints a markdown table and writes ``train_compare.json`` (``--cost-only``: the training time per batch of each method,
@@ -40,7 +44,7 @@ _PGD = "--model.maximizer.init_args"
 # keep m·α ≈ 1.7 ε as the quickstart's PGD-10 (α = 0.05), except PGD-40, which uses Madry's MNIST α = 0.01. YOPO-5-3
 # uses σ = 0.03 so that its m·n·σ (0.45) matches YOPO-5-10's (0.5): with the paper's MNIST σ = 0.01 three inner steps
 # a round barely move η.
-METHODS: dict[str, tuple[str | None, list[str]]] = {
+METHODS: dict[str, tuple[str | tuple[str, ...] | None, list[str]]] = {
     "standard": ("standard.yaml", []),
     "fast": ("fast_mnist.yaml", []),
     "pgd5": (None, [f"{_PGD}.steps", "5", f"{_PGD}.step_size", "0.1"]),
@@ -53,19 +57,35 @@ METHODS: dict[str, tuple[str | None, list[str]]] = {
     "mma": ("mma_mnist.yaml", []),
     "trlinf": ("trlinf_mnist.yaml", []),
     "ddn": ("ddn_mnist.yaml", []),
+    "pgd10-awp": ("awp_mnist.yaml", []),
+    "trades-awp": (("trades_mnist.yaml", "awp_mnist.yaml"), ["--model.weight_perturbation.init_args.gamma", "0.005"]),
+    "mart": ("mart_mnist.yaml", []),
+    "pgd10-ema": ("ema_mnist.yaml", []),
+    "free-m4": ("free_mnist.yaml", []),
 }
+#: Methods trained for ceil(epochs / k) epochs: Free AT's m replays make each epoch cost about m passes.
+EPOCHS_DIVIDED_BY = {"free-m4": 4}
 
 
-def train(method: str, epochs: int, workdir: Path, extra: tuple[str, ...] = ()) -> tuple[torch.nn.Module, list[float]]:
+def _fragments(method: str) -> tuple[str, ...]:
+    fragment = METHODS[method][0]
+    return () if fragment is None else (fragment,) if isinstance(fragment, str) else fragment
+
+
+def train(
+    method: str, epochs: int, workdir: Path, extra: tuple[str, ...] = (), seed: int = 0
+) -> tuple[torch.nn.Module, list[float]]:
     from advtrain.callbacks import EpochTimer
     from advtrain.cli import main
 
-    fragment, overrides = METHODS[method]
+    overrides = METHODS[method][1]
     args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml")]
-    if fragment is not None:
+    for fragment in _fragments(method):
         args += ["--config", str(ROOT / "configs" / "maximizer" / fragment)]
     args += overrides
-    args += ["--trainer.max_epochs", str(epochs), "--trainer.logger", "false", "--run_name", f"compare-{method}",
+    epochs = -(-epochs // EPOCHS_DIVIDED_BY.get(method, 1))
+    args += ["--seed_everything", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
+             "--run_name", f"compare-{method}",
              "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     # Each call trains afresh: its run folder (of an earlier round) goes, or fit would refuse the name.
     shutil.rmtree(workdir / "checkpoints" / f"compare-{method}", ignore_errors=True)
@@ -124,6 +144,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--samples", type=int, default=200, help="test digits attacked by the full suite")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training runs (seed_everything)")
     parser.add_argument("--cost-only", action="store_true", help="only the interleaved cost per batch")
     parser.add_argument("--cost-batches", type=int, default=10)
     parser.add_argument("--cost-rounds", type=int, default=3)
@@ -137,15 +158,15 @@ def main() -> None:
         write_table("train_compare_cost", rows, ["method", "batch_ms", "cost_vs_pgd5"])
         return
 
-    missing = [m for m in opts.methods if METHODS[m][0] and not (ROOT / "configs/maximizer" / METHODS[m][0]).is_file()]
+    missing = [m for m in opts.methods if any(not (ROOT / "configs/maximizer" / f).is_file() for f in _fragments(m))]
     if missing:
         print(f"skipping {missing}: their configs/maximizer fragments do not exist yet", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in [m for m in opts.methods if m not in missing]:
-            torch.manual_seed(0)
-            model, seconds = train(method, opts.epochs, Path(tmp))
-            row = {"method": method, "epochs": opts.epochs, "epoch_s": statistics.median(seconds)}
+            torch.manual_seed(opts.seed)
+            model, seconds = train(method, opts.epochs, Path(tmp), seed=opts.seed)
+            row = {"method": method, "seed": opts.seed, "epochs": len(seconds), "epoch_s": statistics.median(seconds)}
             row.update(evaluate(model, opts.eps, opts.samples))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -153,7 +174,7 @@ def main() -> None:
         base = next((r["epoch_s"] for r in rows if r["method"] == ref), None)
         for r in rows:
             r[f"cost_vs_{ref}"] = r["epoch_s"] / base if base else float("nan")
-    columns = ["method", "epochs", "clean", "pgd", "apgd-ce", "apgd-dlr", "square", "tr"]
+    columns = ["method", "seed", "epochs", "clean", "pgd", "apgd-ce", "apgd-dlr", "square", "tr"]
     columns += [k for k in rows[0] if k.startswith("worst@")] if rows else []
     columns += ["masking", "epoch_s", "cost_vs_standard", "cost_vs_pgd5"]
     write_table("train_compare", rows, columns)

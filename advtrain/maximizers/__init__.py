@@ -3,6 +3,7 @@
 from advtrain.maximizers.base import InnerMaximizer, Perturbation, Standard
 from advtrain.maximizers.bilateral import Bilateral, adversarial_labels, smoothed_labels
 from advtrain.maximizers.fast import FastFGSM
+from advtrain.maximizers.free import FreeAT
 from advtrain.maximizers.minimal import DDN, TRLinf
 from advtrain.maximizers.mma import MMA
 from advtrain.maximizers.pgd import PGD
@@ -18,6 +19,7 @@ __all__ = [
     "YOPO",
     "Bilateral",
     "FastFGSM",
+    "FreeAT",
     "InnerMaximizer",
     "Perturbation",
     "Standard",

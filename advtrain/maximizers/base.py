@@ -52,7 +52,10 @@ class InnerMaximizer(ABC):
     call :func:`advtrain.engine.checks.check_inputs` and ``check_labels`` first when using one on an unchecked batch.
 
     A maximizer that computes the weight gradients itself (YOPO) sets ``manual_optimization = True`` and implements
-    ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation.
+    ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation and takes one
+    optimizer step after it. One that also takes the optimizer steps itself (Free AT: several per minibatch) sets
+    ``steps_itself = True`` as well; its ``training_step(model, inputs, labels, backward, step)`` calls ``step(loss)``
+    for each of its :attr:`steps_per_batch` optimizer steps.
 
     Budgets: ``budget_keys`` names the hyperparameters that are lengths in input space and scale together (the budget
     first, then the step sizes and radii measured against it; dotted for an inner attack's, e.g.
@@ -62,6 +65,7 @@ class InnerMaximizer(ABC):
     """
 
     manual_optimization: bool = False
+    steps_itself: bool = False
     budget_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -75,6 +79,11 @@ class InnerMaximizer(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per training batch (``trainer.global_step`` grows by this much per batch)."""
+        return 1
 
     @property
     def budget(self) -> float | None:

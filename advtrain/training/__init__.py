@@ -1,8 +1,10 @@
 """Training: the LightningModule, outer objectives, learning-rate schedules and checkpoint loading."""
 
+from advtrain.training.awp import AWP
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import (
     AdversarialCE,
+    MARTLoss,
     MixedCE,
     MMALoss,
     Objective,
@@ -13,10 +15,12 @@ from advtrain.training.objectives import (
 from advtrain.training.schedules import BudgetRamp, BudgetSchedule
 
 __all__ = [
+    "AWP",
     "AdversarialCE",
     "AdversarialTraining",
     "BudgetRamp",
     "BudgetSchedule",
+    "MARTLoss",
     "MixedCE",
     "MMALoss",
     "Objective",

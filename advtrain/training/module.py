@@ -24,6 +24,7 @@ from advtrain.errors import InvalidConfigError
 from advtrain.maximizers.base import InnerMaximizer, Standard
 from advtrain.models import create_model, list_models
 from advtrain.models.robustbench import describe_key_mismatch
+from advtrain.training.awp import AWP, PerturbedWeights
 from advtrain.training.divergence import DivergenceWatch, check_every_option
 from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
 from advtrain.training.schedules import BudgetSchedule, total_steps_context
@@ -37,7 +38,9 @@ warnings.filterwarnings(
     "ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in"
 )
 
-_COMPONENT_ARGS = ("maximizer", "objective", "optimizer", "lr_scheduler", "val_attack", "budget_schedule")
+_COMPONENT_ARGS = (
+    "maximizer", "objective", "optimizer", "lr_scheduler", "val_attack", "budget_schedule", "weight_perturbation"
+)  # fmt: skip
 
 # Built from the registry at import so that the CLI rejects an unknown name at parse time, listing the options.
 ModelName = Literal[tuple(list_models())]  # type: ignore[valid-type]
@@ -90,6 +93,9 @@ class AdversarialTraining(pl.LightningModule):
             weights in memory, at one host sync per step.
         init_weights: start from the classifier weights of a checkpoint (an advtrain ``.ckpt`` or a plain state dict,
             read without executing code) — e.g. DDN's CIFAR recipe fine-tunes a standard-trained model.
+        weight_perturbation: adversarial weight perturbation (:class:`~advtrain.training.AWP`, Wu et al. 2020): each
+            step's gradient is taken at weights moved up the objective's loss, and the perturbation is removed after
+            the optimizer step (:meth:`optimizer_step`). ``None`` (default): no change to the step.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class AdversarialTraining(pl.LightningModule):
         validate_batches: bool = True,
         divergence_check_every: int | None = None,
         init_weights: str | None = None,
+        weight_perturbation: AWP | None = None,
     ) -> None:
         super().__init__()
         # Through the CLI, Lightning records the components as their config (class_path + init_args), which
@@ -125,6 +132,14 @@ class AdversarialTraining(pl.LightningModule):
         # Maximizers that build the weight gradients themselves (YOPO) need manual optimisation.
         self.automatic_optimization = not self.maximizer.manual_optimization
         self.objective = objective if objective is not None else AdversarialCE()
+        if weight_perturbation is not None and self.maximizer.manual_optimization:
+            raise InvalidConfigError(
+                f"model.weight_perturbation: AWP perturbs the weights around the optimizer step Lightning takes; "
+                f"{type(self.maximizer).__name__} takes its own optimizer steps. Use AWP with an automatic-optimisation"
+                " maximizer (PGD, FastFGSM, TRADES, ...) or set weight_perturbation: null."
+            )
+        self.weight_perturbation = weight_perturbation
+        self._perturbed: PerturbedWeights | None = None  # the current step's weight perturbation, until its removal
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         _try_scheduler(lr_scheduler)
@@ -201,6 +216,10 @@ class AdversarialTraining(pl.LightningModule):
         if self.automatic_optimization:
             with self.maximizer.budget_scaled(factor):
                 pert = self.maximizer(self.model, x, y, index)
+            awp = self.weight_perturbation
+            if awp is not None and awp.active(self.current_epoch):
+                # Removed in optimizer_step, right after the step (or at once if this step raises).
+                self._perturbed = awp.perturb(self.model, lambda: self.objective(self.model, x, y, pert).loss)
             out = self.objective(self.model, x, y, pert)
             self._divergence.loss(out.loss, **where)
         else:
@@ -241,15 +260,32 @@ class AdversarialTraining(pl.LightningModule):
     def setup(self, stage: str) -> None:
         from pytorch_lightning.strategies import DDPStrategy
 
+        if self.weight_perturbation is not None and stage == "fit" and self.trainer.accumulate_grad_batches > 1:
+            raise InvalidConfigError(
+                "model.weight_perturbation (AWP) is removed after every optimizer step and cannot span the batches of "
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}: set it to 1."
+            )
+
         strategy = self.trainer.strategy
         kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if self.maximizer.manual_optimization and isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
+        partial = self.maximizer.manual_optimization and not self.maximizer.steps_itself  # Free AT: full passes only
+        if partial and isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
             # YOPO runs several backward passes per step, some reaching only part of the weights: DDP must look for
             # unused parameters or it stops at the first of them. Set here, before the strategy wraps the model.
             if not kwargs.get("find_unused_parameters"):
                 kwargs["find_unused_parameters"] = True
                 log.info("%s under DDP: find_unused_parameters=True (several partial backward passes per step).",
                          type(self.maximizer).__name__)  # fmt: skip
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step (the closure runs the training step and the backward pass inside it); then the weight
+        perturbation of that step, if any, is removed, keeping the optimizer's update (:class:`AWP`)."""
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            if self._perturbed is not None:
+                AWP.restore(self._perturbed)
+                self._perturbed = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # A finite loss can still give non-finite gradients (a 0/0 in a custom layer, an overflow): recorded here, and
@@ -268,16 +304,29 @@ class AdversarialTraining(pl.LightningModule):
             return 1.0
         batches = self.trainer.num_training_batches
         per_epoch = None if math.isinf(batches) else max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-        return self.budget_schedule.factor(self.global_step, steps_per_epoch=per_epoch, budget=self.maximizer.budget)
+        # Counted in batches: a maximizer taking several optimizer steps per batch (Free AT) moves global_step faster.
+        step = self.global_step // self.maximizer.steps_per_batch
+        return self.budget_schedule.factor(step, steps_per_epoch=per_epoch, budget=self.maximizer.budget)
 
     def _manual_step(self, x: Tensor, y: Tensor, where: dict[str, int], factor: float) -> ObjectiveOutput:
-        """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO)."""
+        """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO), or the optimizer steps
+        of one that takes them itself (Free AT: ``step`` is called once per replay)."""
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        with self.maximizer.budget_scaled(factor):
-            step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
-        self._divergence.loss(step.loss, **where)  # with divergence_check_every=1 this raises before the weights move
-        optimizer.step()
+        if self.maximizer.steps_itself:
+
+            def take_step(loss: Tensor) -> None:
+                self._divergence.loss(loss, **where)  # with divergence_check_every=1: raises before this step
+                optimizer.step()
+                optimizer.zero_grad()
+
+            with self.maximizer.budget_scaled(factor):
+                step = self.maximizer.training_step(self.model, x, y, self.manual_backward, take_step)
+        else:
+            with self.maximizer.budget_scaled(factor):
+                step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
+            self._divergence.loss(step.loss, **where)  # with divergence_check_every=1 this raises before the step
+            optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
             scheduler.step()
