@@ -5,6 +5,7 @@ from advtrain.maximizers.bilateral import Bilateral, adversarial_labels, smoothe
 from advtrain.maximizers.fast import FastFGSM
 from advtrain.maximizers.minimal import DDN, TRLinf
 from advtrain.maximizers.mma import MMA
+from advtrain.maximizers.nfgsm import NFGSM
 from advtrain.maximizers.pgd import PGD
 from advtrain.maximizers.trades import TRADES, kl_to_clean
 from advtrain.maximizers.yopo import YOPO
@@ -13,6 +14,7 @@ __all__ = [
     "DDN",
     "TRLinf",
     "MMA",
+    "NFGSM",
     "PGD",
     "TRADES",
     "YOPO",

@@ -1,5 +1,6 @@
 """Training: the LightningModule, outer objectives, learning-rate schedules and checkpoint loading."""
 
+from advtrain.training.grad_align import GradAlignLoss
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import (
     AdversarialCE,
@@ -17,6 +18,7 @@ __all__ = [
     "AdversarialTraining",
     "BudgetRamp",
     "BudgetSchedule",
+    "GradAlignLoss",
     "MixedCE",
     "MMALoss",
     "Objective",
