@@ -10,7 +10,8 @@ next to the worst case, so that the gap between the attack used for checkpoint s
 evaluation shows. Training time per epoch excludes validation (``EpochTimer``).
 
 The variants show the seed's cost claims side by side: YOPO-5-3 and YOPO-5-10 against PGD-5 (the same number of full
-passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), and Fast AT against PGD-10.
+passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), and Fast AT against PGD-10; N-FGSM and
+FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does catastrophic overfitting go away, at what cost per batch).
 
     python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200]
     python benchmarks/train_compare.py --cost-only [--cost-batches 10] [--cost-rounds 3] [--methods ...]
@@ -53,6 +54,9 @@ METHODS: dict[str, tuple[str | None, list[str]]] = {
     "mma": ("mma_mnist.yaml", []),
     "trlinf": ("trlinf_mnist.yaml", []),
     "ddn": ("ddn_mnist.yaml", []),
+    # Single-step methods that should not collapse (issue 16), against "fast" (FGSM-RS) and "pgd10".
+    "nfgsm": ("nfgsm_mnist.yaml", []),
+    "gradalign": ("gradalign_mnist.yaml", []),
 }
 
 
