@@ -187,8 +187,19 @@ def main() -> None:
                 individual.append({"model": name, "attack": attack, "official": off["attacks"].get(attack),
                                    "advtrain": adv["attacks"].get(label)})  # fmt: skip
             print(json.dumps(individual[-len(PAIRS) :]), flush=True)
-    columns = ["model", "clean", "official", "advtrain", "official_s", "advtrain_s", "speedup", "masking", "escalated",
-               "escalation_s", "steps"]
+    columns = [
+        "model",
+        "clean",
+        "official",
+        "advtrain",
+        "official_s",
+        "advtrain_s",
+        "speedup",
+        "masking",
+        "escalated",
+        "escalation_s",
+        "steps",
+    ]
     write_table("autoattack_compare", rows, columns)
     if individual:
         write_table("autoattack_compare_individual", individual, ["model", "attack", "official", "advtrain"])

@@ -14,7 +14,8 @@ passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), a
 Issue 16's methods: AWP against its base method (``pgd10-awp`` vs ``pgd10``, ``trades-awp`` vs ``trades``), MART
 against TRADES, the EMA against the last weights (``pgd10-ema`` is ``pgd10``'s run, same seed and same trajectory,
 evaluated on its averaged weights), and Free AT (m = 4) for ceil(epochs / 4) epochs, about the passes of standard
-training, against PGD.
+training, against PGD; N-FGSM and FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does
+catastrophic overfitting go away, at what cost per batch).
 
     python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200] [--seed 0]
     python benchmarks/train_compare.py --cost-only [--cost-batches 10] [--cost-rounds 3] [--methods ...]
@@ -62,6 +63,9 @@ METHODS: dict[str, tuple[str | tuple[str, ...] | None, list[str]]] = {
     "mart": ("mart_mnist.yaml", []),
     "pgd10-ema": ("ema_mnist.yaml", []),
     "free-m4": ("free_mnist.yaml", []),
+    # Single-step methods that should not collapse (issue 16), against "fast" (FGSM-RS) and "pgd10".
+    "nfgsm": ("nfgsm_mnist.yaml", []),
+    "gradalign": ("gradalign_mnist.yaml", []),
 }
 #: Methods trained for ceil(epochs / k) epochs: Free AT's m replays make each epoch cost about m passes.
 EPOCHS_DIVIDED_BY = {"free-m4": 4}

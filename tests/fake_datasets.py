@@ -256,3 +256,21 @@ cls.train_list = [[name, md5[name]] for name, _ in cls.train_list]
 cls.test_list = [[name, md5[name]] for name, _ in cls.test_list]
 cls.meta = {{**cls.meta, "md5": md5[cls.meta["filename"]]}}
 """
+
+
+def write_fake_extra_data(
+    path: str | os.PathLike,
+    n: int = 20,
+    image_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Writes an extra-data ``.npz`` in the DM-Improves-AT / Rebuffi et al. format: ``image`` uint8 N×H×W×C and
+    ``label`` int64 (N,). Returns ``(images, labels)``."""
+    rng = np.random.default_rng(seed)
+    channels, height, width = image_shape
+    images = rng.integers(0, 256, size=(n, height, width, channels), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=n).astype(np.int64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, image=images, label=labels)
+    return images, labels

@@ -26,8 +26,20 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _write_recipe_extra_data(recipe: Path) -> None:
+    """A recipe with generated data (``extra_data: <file>``) gets a small fake file at that path (cwd-relative)."""
+    import re
+
+    from fake_datasets import write_fake_extra_data
+
+    found = re.search(r"extra_data: ([^,}\s]+)", recipe.read_text())
+    if found:
+        write_fake_extra_data(found.group(1), n=20)
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_and_instantiates(recipe, in_tmp):
+    _write_recipe_extra_data(recipe)
     cli = build_cli(["--config", str(recipe), "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, AdversarialTraining)
     dm = cli.datamodule
@@ -225,6 +237,7 @@ def test_every_recipe_runs_fast_dev_run(recipe, in_tmp, monkeypatch):
     from fake_datasets import accept_fake_checksums, write_fake_cifar10, write_fake_mnist
 
     text = recipe.read_text()
+    _write_recipe_extra_data(recipe)
     kind = next((v for k, v in _RECIPE_DATA.items() if k in text), "missing")
     assert kind != "missing", f"{recipe.name}: add its datamodule to _RECIPE_DATA"
     args = ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true", "--data.init_args.batch_size", "4"]

@@ -24,9 +24,9 @@ from advtrain.engine.core import AttackCore
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import cross_entropy
 from advtrain.errors import InvalidInputError
-from advtrain.maximizers import DDN, MMA, PGD, TRADES, YOPO, Bilateral, FastFGSM, Standard, TRLinf
+from advtrain.maximizers import DDN, MMA, NFGSM, PGD, TRADES, YOPO, Bilateral, FastFGSM, Standard, TRLinf
 from advtrain.threat.geometry import geometry_for
-from advtrain.training import AdversarialTraining, BudgetRamp
+from advtrain.training import AdversarialTraining, BudgetRamp, GradAlignLoss
 from advtrain.training.objectives import MMALoss, SoftLabelCE, TRADESLoss
 
 HOST_HOOKS = ("on_before_batch_transfer",)  # the batch checks run there, on host tensors: not device syncs
@@ -83,6 +83,8 @@ SYNC_FREE = {
     "pgd_linf": lambda: (PGD(eps=0.3, steps=K, step_size=0.1), None),
     "pgd_l2": lambda: (PGD(norm="l2", eps=1.0, steps=K, step_size=0.5), None),
     "fast_fgsm": lambda: (FastFGSM(eps=0.3), None),
+    "nfgsm": lambda: (NFGSM(eps=0.3), None),
+    "fgsm_gradalign": lambda: (PGD(eps=0.3, steps=1, step_size=0.3, random_start=False), GradAlignLoss(weight=0.2)),
     "trades": lambda: (TRADES(eps=0.3, steps=K, step_size=0.1), TRADESLoss()),
     "bilateral": lambda: (Bilateral(eps=0.3), SoftLabelCE()),
     "yopo": lambda: (YOPO(eps=0.3, m=2, n=2, sigma=0.05), None),

@@ -226,6 +226,13 @@ class AdvDataModule(pl.LightningDataModule):
             is asynchronous and overlaps the previous step's kernels, from pageable memory the host copies it first.
         train_subset: If given, train on only the first ``train_subset`` samples of the seeded training permutation
             (for quick runs).
+        extra_data: an ``.npz`` file of extra (generated or pseudo-labelled) training images, ``image`` uint8
+            N×H×W×C and ``label`` (the format of the DM-Improves-AT / Rebuffi et al. files): every training batch then
+            holds ``int(batch_size · extra_fraction)`` of them and original images for the rest, ``ceil(N_train /
+            batch_size)`` batches an epoch (:mod:`advtrain.data.extra`). Checked against the dataset when the
+            datamodule is built (keys, dtype, shape) and when training starts (labels).
+        extra_fraction: the share of extra images in every training batch, in (0, 1) (0.7 in Wang et al. 2023, 0.3
+            in Rebuffi et al. 2021); ignored without ``extra_data``.
     """
 
     name: ClassVar[str]
@@ -247,6 +254,8 @@ class AdvDataModule(pl.LightningDataModule):
         augment: bool = True,
         pin_memory: bool | None = None,
         train_subset: int | None = None,
+        extra_data: str | None = None,
+        extra_fraction: float = 0.7,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -258,6 +267,11 @@ class AdvDataModule(pl.LightningDataModule):
         if val_size < 0:
             raise InvalidConfigError(f"val_size must be >= 0, got {val_size}")
         _check_train_subset(train_subset)
+        if extra_data is not None:
+            from advtrain.data.extra import check_extra_file, check_extra_fraction
+
+            check_extra_fraction(batch_size, extra_fraction)
+            check_extra_file(str(extra_data), image_shape=self.image_shape, dataset=self.name)
         self.save_hyperparameters()
         self.root = root
         self.batch_size = batch_size
@@ -269,6 +283,9 @@ class AdvDataModule(pl.LightningDataModule):
         self.augment = augment
         self.pin_memory = pin_memory
         self.train_subset = train_subset
+        self.extra_data = None if extra_data is None else str(extra_data)
+        self.extra_fraction = float(extra_fraction)
+        self._extra_images: Any = None  # advtrain.data.extra.ExtraImages, loaded with the first training loader
         self.train_dataset: IndexedSubset | None = None
         self.val_dataset: IndexedSubset | None = None
         self.test_dataset: IndexedSubset | None = None
@@ -342,9 +359,44 @@ class AdvDataModule(pl.LightningDataModule):
             DataLoader yielding ``(x, y, index)`` batches.
         """
         dataset = self._require(self.train_dataset, "train_dataloader", "fit")
-        return self._loader(
-            dataset, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.extra_data is not None:
+            return self._mixed_loader(dataset, generator)
+        return self._loader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def _mixed_loader(self, dataset: IndexedSubset, generator: torch.Generator) -> DataLoader:
+        """The training loader with ``extra_data``: batches composed by :class:`advtrain.data.extra.MixedBatchSampler`
+        from the training split followed by the extra images, all draws from ``generator`` (the loader's own, which
+        exact resume saves and replays)."""
+        from advtrain.data.extra import ExtraImages, MixedBatchSampler, MixedDataset, load_extra_data
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            raise InvalidConfigError(
+                "extra_data composes the training batches itself and does not shard them over processes yet: train "
+                "with --trainer.devices 1"
+            )
+        if self._extra_images is None:
+            images, labels = load_extra_data(self.extra_data, image_shape=self.image_shape,
+                                             num_classes=self.num_classes, dataset=self.name)  # fmt: skip
+            self._extra_images = ExtraImages(images, labels, self._extra_transform(), offset=len(dataset))
+            logger.info("%s: %d extra training images from %s, %d of every batch of %d", self.name, len(labels),
+                        self.extra_data, int(self.batch_size * self.extra_fraction), self.batch_size)  # fmt: skip
+        mixed = MixedDataset(dataset, self._extra_images)
+        sampler = MixedBatchSampler(len(dataset), len(self._extra_images), self.batch_size, self.extra_fraction,
+                                    generator)  # fmt: skip
+        return DataLoader(
+            mixed,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self._pin_memory(),
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
         )
+
+    def _extra_transform(self) -> Any:
+        """The transform of the extra images (PIL in, tensor out): the training augmentations when ``augment``."""
+        return self._train_transform() if self.augment else self._eval_transform()
 
     def val_dataloader(self) -> DataLoader:
         """Returns the validation loader, or the test loader when ``val_size`` is 0.

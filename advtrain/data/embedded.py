@@ -108,6 +108,8 @@ class MNIST5kDataModule(AdvDataModule):
         augment: Ignored (no augmentation for digits here).
         pin_memory: Page-locked batches; ``None``: when the trainer runs on CUDA (see :class:`AdvDataModule`).
         train_subset: If given, train on only the first ``train_subset`` digits of the seeded training permutation.
+        extra_data: an ``.npz`` of extra digits mixed into every training batch (see :class:`AdvDataModule`).
+        extra_fraction: their share of every training batch.
     """
 
     name: ClassVar[str] = "mnist5k"
@@ -130,6 +132,8 @@ class MNIST5kDataModule(AdvDataModule):
         augment: bool = True,
         pin_memory: bool | None = None,
         train_subset: int | None = None,
+        extra_data: str | None = None,
+        extra_fraction: float = 0.7,
     ) -> None:
         super().__init__(
             root=root,
@@ -142,6 +146,8 @@ class MNIST5kDataModule(AdvDataModule):
             augment=augment,
             pin_memory=pin_memory,
             train_subset=train_subset,
+            extra_data=extra_data,
+            extra_fraction=extra_fraction,
         )
         if test_size <= 0:
             raise InvalidConfigError(f"test_size must be positive (the test split cannot be empty), got {test_size}")

@@ -6,6 +6,7 @@ from advtrain.maximizers.fast import FastFGSM
 from advtrain.maximizers.free import FreeAT
 from advtrain.maximizers.minimal import DDN, TRLinf
 from advtrain.maximizers.mma import MMA
+from advtrain.maximizers.nfgsm import NFGSM
 from advtrain.maximizers.pgd import PGD
 from advtrain.maximizers.trades import TRADES, kl_to_clean
 from advtrain.maximizers.yopo import YOPO
@@ -14,6 +15,7 @@ __all__ = [
     "DDN",
     "TRLinf",
     "MMA",
+    "NFGSM",
     "PGD",
     "TRADES",
     "YOPO",

@@ -1,6 +1,7 @@
 """Training: the LightningModule, outer objectives, learning-rate schedules and checkpoint loading."""
 
 from advtrain.training.awp import AWP
+from advtrain.training.grad_align import GradAlignLoss
 from advtrain.training.module import AdversarialTraining
 from advtrain.training.objectives import (
     AdversarialCE,
@@ -21,6 +22,7 @@ __all__ = [
     "BudgetRamp",
     "BudgetSchedule",
     "MARTLoss",
+    "GradAlignLoss",
     "MixedCE",
     "MMALoss",
     "Objective",
