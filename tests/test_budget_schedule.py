@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import advtrain.maximizers as maximizers
 from advtrain.attacks import PGD as PGDAttack
 from advtrain.errors import InvalidConfigError
-from advtrain.maximizers import MMA, PGD, TRADES, YOPO, FastFGSM, InnerMaximizer
+from advtrain.maximizers import MMA, NFGSM, PGD, TRADES, YOPO, FastFGSM, InnerMaximizer
 from advtrain.models import create_model
 from advtrain.threat.geometry import geometry_for
 from advtrain.training import AdversarialTraining, BudgetRamp
@@ -126,6 +126,8 @@ def test_every_maximizer_perturbs_within_the_scaled_budget(cls):
     maximizer, factor = cls(), 0.5
     measure = geometry_for(maximizer.norm).measure
     bound = factor * maximizer.budget
+    if isinstance(maximizer, NFGSM) and maximizer.clip is None:  # noise kε, then a step ε, no projection
+        bound = factor * (maximizer.noise * maximizer.eps + (maximizer.step_size or maximizer.eps))
     if isinstance(maximizer, YOPO):  # a whole training step: every point it feeds layer one is x + η
         seen = []
         layer_one = model.layer_one
