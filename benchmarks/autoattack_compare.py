@@ -159,33 +159,40 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train (and cache) the models, then stop")
     parser.add_argument("--no-individual", action="store_true", help="skip the attack-by-attack comparison")
     parser.add_argument("--no-escalation", action="store_true", help="advtrain without its escalation")
+    parser.add_argument("--individual-only", action="store_true", help="only the attack-by-attack comparison")
+    parser.add_argument("--individual-samples", type=int, default=None, help="digits of it (default: --samples)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (for runs of model subsets)")
     opts = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     models = {name: load(name) for name in opts.models}
     if opts.train_only:
         return
     x, y = test_digits(opts.samples)
+    n_individual = opts.individual_samples or opts.samples
     rows, individual = [], []
     for i, (name, model) in enumerate(models.items()):
-        # Alternate who goes first, so that a drift in the machine's load does not favour one side.
-        runs = [("official", lambda m=model: official(m, x, y, False)),
-                ("advtrain", lambda m=model: ours(m, x, y, True, opts.suite, not opts.no_escalation))]  # fmt: skip
-        results = dict(run() for run in [lambda r=r: (r[0], r[1]()) for r in (runs if i % 2 == 0 else runs[::-1])])
-        off, adv = results["official"], results["advtrain"]
-        rows.append({
-            "model": name, "clean": adv["clean"], "official": off["robust"], "advtrain": adv["robust"],
-            "official_s": off["seconds"], "advtrain_s": adv["seconds"], "speedup": off["seconds"] / adv["seconds"],
-            "masking": " ".join(adv["masking"]) or "-", "escalated": adv["escalated"],
-            "escalation_s": adv["escalation_s"],
-            "steps": " ".join(f"{k} {100 * v:.1f}%" for k, v in adv["steps"].items()) or "-",
-        })  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+        if not opts.individual_only:
+            # Alternate who goes first, so that a drift in the machine's load does not favour one side.
+            runs = [("official", lambda m=model: official(m, x, y, False)),
+                    ("advtrain", lambda m=model: ours(m, x, y, True, opts.suite, not opts.no_escalation))]  # fmt: skip
+            order = runs if i % 2 == 0 else runs[::-1]
+            results = {label: run() for label, run in order}
+            off, adv = results["official"], results["advtrain"]
+            rows.append({
+                "model": name, "clean": adv["clean"], "official": off["robust"], "advtrain": adv["robust"],
+                "official_s": off["seconds"], "advtrain_s": adv["seconds"], "speedup": off["seconds"] / adv["seconds"],
+                "masking": " ".join(adv["masking"]) or "-", "escalated": adv["escalated"],
+                "escalation_s": adv["escalation_s"],
+                "steps": " ".join(f"{k} {100 * v:.1f}%" for k, v in adv["steps"].items()) or "-",
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
         if not opts.no_individual:
-            off = official(model, x, y, True)
-            adv = ours(model, x, y, False, opts.suite, False)
+            xi, yi = x[:n_individual], y[:n_individual]
+            off = official(model, xi, yi, True)
+            adv = ours(model, xi, yi, False, opts.suite, False)
             for attack, label in PAIRS.items():
-                individual.append({"model": name, "attack": attack, "official": off["attacks"].get(attack),
-                                   "advtrain": adv["attacks"].get(label)})  # fmt: skip
+                row = {"official": off["attacks"].get(attack), "advtrain": adv["attacks"].get(label)}
+                individual.append({"model": name, "samples": n_individual, "attack": attack, **row})
             print(json.dumps(individual[-len(PAIRS) :]), flush=True)
     columns = [
         "model",
@@ -200,9 +207,11 @@ def main() -> None:
         "escalation_s",
         "steps",
     ]
-    write_table("autoattack_compare", rows, columns)
+    if rows:
+        write_table(f"autoattack_compare{opts.tag}", rows, columns)
     if individual:
-        write_table("autoattack_compare_individual", individual, ["model", "attack", "official", "advtrain"])
+        write_table(f"autoattack_compare_individual{opts.tag}", individual,
+                    ["model", "samples", "attack", "official", "advtrain"])  # fmt: skip
 
 
 if __name__ == "__main__":
