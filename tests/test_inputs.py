@@ -323,7 +323,7 @@ def test_every_third_party_import_is_a_declared_dependency():
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower().replace("-", "_") for d in declared}
-    names |= {"yaml" if n == "pyyaml" else n for n in names}
+    names |= {"yaml" if n == "pyyaml" else "PIL" if n == "pillow" else n for n in names}  # distribution → import name
     imported = set()
     for path in (ROOT / "advtrain").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
