@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from advtrain.errors import InvalidConfigError
 from advtrain.evaluation.suites import EvalAttack, SuiteEntry, build_suite
 from advtrain.threat.norms import Norm
 
@@ -72,8 +73,6 @@ def plan_escalation(
     known = {e.label for entries_ in RESPONSES.values() for e in entries_}
     unknown = sorted(set(options or {}) - known)
     if unknown:
-        from advtrain.errors import InvalidConfigError
-
         raise InvalidConfigError(f"escalation_options: {unknown[0]!r} is not an escalation attack; they are "
                                  f"{', '.join(sorted(known))}.")  # fmt: skip
     options = {k: v for k, v in (options or {}).items() if k in {e.label for e in entries}}

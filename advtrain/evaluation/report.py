@@ -198,6 +198,16 @@ class RobustnessReport:
         return out
 
 
+def robust_under_all(data: Mapping[str, Tensor], grid: Sequence[float]) -> Tensor:
+    """(N, G): per sample and ε, whether it is robust under every attack of the records ("All"): correctly
+    classified, no verified adversarial example of norm ≤ ε from any attack at any ε, and robust in every attack's
+    ``robust`` record at that ε."""
+    n = int(data["index"].numel())
+    best = data["norms"].flatten(1).amin(1) if n else torch.zeros(0)
+    columns = [data["correct"] & ~within(best, e) & data["robust"][:, :, g].all(1) for g, e in enumerate(grid)]
+    return torch.stack(columns, 1) if columns else data["correct"].new_zeros((n, 0))
+
+
 def summarize(
     data: dict[str, Tensor],
     attacks: Sequence,
@@ -223,11 +233,8 @@ def summarize(
     total = max(n, 1)
     correct = data["correct"]
     main = list(grid).index(eps)
-    best = data["norms"].flatten(1).amin(1) if n else torch.zeros(0)
-    all_by_eps = {}
-    for g, e in enumerate(grid):
-        robust_all = correct & ~within(best, e) & data["robust"][:, :, g].all(1)
-        all_by_eps[eps_key(e)] = float(robust_all.sum()) / total
+    standing = robust_under_all(data, grid)
+    all_by_eps = {eps_key(e): float(standing[:, g].sum()) / total for g, e in enumerate(grid)}
     attacks_out: dict[str, Any] = {}
     defects = []
     # Curves for the "success grows with ε" check: the worst case, the worst case over the gradient attacks only

@@ -31,7 +31,7 @@ from advtrain.errors import InvalidConfigError
 from advtrain.evaluation.escalation import ADAPTIVE_SUITES, describe_escalation, plan_escalation
 from advtrain.evaluation.masking import REL_TOL, within
 from advtrain.evaluation.metrics import PER_ATTACK, PER_SAMPLE, RobustnessRecords
-from advtrain.evaluation.report import RobustnessReport, summarize
+from advtrain.evaluation.report import RobustnessReport, robust_under_all, summarize
 from advtrain.evaluation.sampling import BatchAlignedSampler, dist_info
 from advtrain.evaluation.suites import ALIASES, ROLES, EvalAttack, build_suite, wrap_attacks
 from advtrain.threat.geometry import Geometry, geometry_for
@@ -577,11 +577,12 @@ def evaluate_robustness(
         first = summarize(data_out, entries, grid, norm=threat.value, eps=eps, cascade=cascade, tolerance=tolerance)
         extra, escalation = plan_escalation(first, threat=threat, eps=eps, seed=seed, options=escalation_options)
         if extra:
+            standing = robust_under_all(data_out, grid)
             log.warning("evaluate: gradient-masking checks fired (%s): escalating with %s on the %d samples still "
                         "robust.", ", ".join(escalation["triggered_by"]), ", ".join(e.name for e in extra),
-                        int(_standing(data_out, grid).any(1).sum()))  # fmt: skip
+                        int(standing.any(1).sum()))  # fmt: skip
             folder = None if partial_dir is None else Path(partial_dir) / "escalation"
-            more = _records(extra, folder, resume, standing=(data_out["index"], _standing(data_out, grid)), **run)
+            more = _records(extra, folder, resume, standing=(data_out["index"], standing), **run)
             data_out = _join(data_out, more)
             entries = [*entries, *extra]
     report = summarize(
@@ -605,17 +606,6 @@ def _columns(data: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
     for name in PER_ATTACK:
         out[name] = data[name][:count]
     return out
-
-
-def _standing(data: Mapping[str, Tensor], grid: Sequence[float]) -> Tensor:
-    """(N, G): the correctly classified samples that no attack of ``data`` broke at each ε (a break at a smaller ε
-    counts at every larger one, a minimal-norm attack's norm at every ε above it)."""
-    norms = data["norms"]
-    standing = []
-    for g, e in enumerate(grid):
-        best = norms[:, :, : g + 1].flatten(1).amin(1) if norms.numel() else norms.new_zeros(norms.shape[0])
-        standing.append(data["correct"] & ~within(best, e) & data["robust"][:, :, g].all(1))
-    return torch.stack(standing, 1) if standing else data["correct"][:, None]
 
 
 def _join(first: Mapping[str, Tensor], second: Mapping[str, Tensor]) -> dict[str, Tensor]:
