@@ -13,8 +13,8 @@ The variants show the seed's cost claims side by side: YOPO-5-3 and YOPO-5-10 ag
 passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), and Fast AT against PGD-10.
 Issue 16's methods: AWP against its base method (``pgd10-awp`` vs ``pgd10``, ``trades-awp`` vs ``trades``), MART
 against TRADES, the EMA against the last weights (``pgd10-ema`` is ``pgd10``'s run, same seed and same trajectory,
-evaluated on its averaged weights), and Free AT (m = 4) for ceil(epochs / 4) epochs, about the passes of standard
-training, against PGD; N-FGSM and FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does
+evaluated on its averaged weights), and Free AT (m = 4) against PGD, for ceil(epochs / 4) epochs (``free-m4``, about
+the passes of standard training) and for ceil(11 epochs / 4) (``free-m4-eqtime``, PGD-10's passes); N-FGSM and FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does
 catastrophic overfitting go away, at what cost per batch).
 
     python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200] [--seed 0]
@@ -63,12 +63,16 @@ METHODS: dict[str, tuple[str | tuple[str, ...] | None, list[str]]] = {
     "mart": ("mart_mnist.yaml", []),
     "pgd10-ema": ("ema_mnist.yaml", []),
     "free-m4": ("free_mnist.yaml", []),
+    "free-m4-eqtime": ("free_mnist.yaml", []),
     # Single-step methods that should not collapse (issue 16), against "fast" (FGSM-RS) and "pgd10".
     "nfgsm": ("nfgsm_mnist.yaml", []),
     "gradalign": ("gradalign_mnist.yaml", []),
 }
-#: Methods trained for ceil(epochs / k) epochs: Free AT's m replays make each epoch cost about m passes.
-EPOCHS_DIVIDED_BY = {"free-m4": 4}
+#: Methods trained for ceil(epochs · k) epochs. Free AT's m = 4 replays make each epoch cost about 4 forward-backward
+#: passes per minibatch: ``free-m4`` runs the passes of standard training (the paper's equal-cost setting, k = 1/4),
+#: ``free-m4-eqtime`` those of PGD-10 (11 per minibatch: 10 attack steps and the update; k = 11/4), for Free AT against
+#: PGD at equal wall time.
+EPOCHS_SCALE = {"free-m4": (1, 4), "free-m4-eqtime": (11, 4)}
 
 
 def _fragments(method: str) -> tuple[str, ...]:
@@ -87,7 +91,8 @@ def train(
     for fragment in _fragments(method):
         args += ["--config", str(ROOT / "configs" / "maximizer" / fragment)]
     args += overrides
-    epochs = -(-epochs // EPOCHS_DIVIDED_BY.get(method, 1))
+    num, den = EPOCHS_SCALE.get(method, (1, 1))
+    epochs = -(-epochs * num // den)
     args += ["--seed_everything", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.logger", "false",
              "--run_name", f"compare-{method}",
              "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
