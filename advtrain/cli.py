@@ -111,9 +111,9 @@ class AdvArgumentParser(LightningArgumentParser):
             try:
                 module, name = cls_path.group(1).rsplit(".", 1)
                 cls = getattr(importlib.import_module(module), name)
-                accepted = [
+                accepted = list(cls.hyperparameters()) if hasattr(cls, "hyperparameters") else [
                     p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")
-                ]
+                ]  # fmt: skip
             except (ImportError, AttributeError, ValueError):
                 accepted = []
             if accepted:

@@ -14,8 +14,9 @@ passes) and PGD-40 (the robustness YOPO-5-10 should reach; seed 003, Table 1), a
 Issue 16's methods: AWP against its base method (``pgd10-awp`` vs ``pgd10``, ``trades-awp`` vs ``trades``), MART
 against TRADES, the EMA against the last weights (``pgd10-ema`` is ``pgd10``'s run, same seed and same trajectory,
 evaluated on its averaged weights), and Free AT (m = 4) against PGD, for ceil(epochs / 4) epochs (``free-m4``, about
-the passes of standard training) and for ceil(11 epochs / 4) (``free-m4-eqtime``, PGD-10's passes); N-FGSM and FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does
-catastrophic overfitting go away, at what cost per batch).
+the passes of standard training) and for ceil(11 epochs / 4) (``free-m4-eqtime``, PGD-10's passes); N-FGSM and
+FGSM + GradAlign against Fast AT (FGSM-RS) and PGD-10 (does catastrophic overfitting go away, at what cost per
+batch).
 
     python benchmarks/train_compare.py [--epochs 10] [--methods standard pgd10 fast ...] [--samples 200] [--seed 0]
     python benchmarks/train_compare.py --cost-only [--cost-batches 10] [--cost-rounds 3] [--methods ...]
@@ -124,8 +125,8 @@ def evaluate(model: torch.nn.Module, eps: float, samples: int, suite: str = "ful
     if suite == "full":
         grid, entries, adaptive, names = [eps * k / 3 for k in (1, 2, 3)], "full", None, FULL_COLUMNS
     else:
-        apgd_dlr = SUITES["apgd"][1]
-        grid, entries, adaptive, names = [eps], [*SUITES["autoattack"][:1], apgd_dlr, *SUITES["autoattack"][1:]], True, AA_COLUMNS
+        apgd_ce, *rest = SUITES["autoattack"]
+        grid, entries, adaptive, names = [eps], [apgd_ce, SUITES["apgd"][1], *rest], True, AA_COLUMNS
     report = evaluate_robustness(model, dm.test_dataloader(), build_suite(entries, norm="linf", eps=eps, seed=0),
                                  norm="linf", eps=eps, eps_grid=grid, max_samples=samples, progress=False,
                                  seed=0, adaptive=adaptive).as_dict()  # fmt: skip
@@ -171,8 +172,12 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--samples", type=int, default=200, help="test digits attacked by the full suite")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training runs (seed_everything)")
-    parser.add_argument("--suite", choices=("full", "autoattack"), default="full",
-                        help="full: every attack at ε/3, 2ε/3, ε; autoattack: AutoAttack + APGD-DLR at ε, adaptive")
+    parser.add_argument(
+        "--suite",
+        choices=("full", "autoattack"),
+        default="full",
+        help="full: every attack at ε/3, 2ε/3, ε; autoattack: AutoAttack + APGD-DLR at ε, adaptive",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file (train_compare<tag>.json)")
     parser.add_argument("--cost-only", action="store_true", help="only the interleaved cost per batch")
     parser.add_argument("--cost-batches", type=int, default=10)

@@ -58,7 +58,7 @@ def test_attack_reproduces_golden(key, name, norm, kwargs, problem, probs):
         assert torch.equal(got["success"], want["success"])
         assert torch.equal(got["adv"], want["adv"]), f"max |Δadv| {(got['adv'] - want['adv']).abs().max():.3g}"
         assert torch.equal(got["norms"], want["norms"])
-        assert torch.equal(got["passes"], want["passes"]), f"passes {got['passes'].tolist()} vs {want['passes'].tolist()}"
+        assert torch.equal(got["passes"], want["passes"]), f"{got['passes'].tolist()} vs {want['passes'].tolist()}"
         return
     assert (got["success"] == want["success"]).sum() >= len(want["success"]) - 1
     if list_attacks()[name].kind is AttackKind.MINIMAL:

@@ -113,6 +113,8 @@ def test_a_budget_schedule_adds_no_host_sync(name):
 # attack steps). Sites in advtrain/attacks and advtrain/engine belong to the attacks these maximizers run.
 _RETIRE = "__int__ advtrain/engine/core.py (retire)"
 _KEEP = ("__getitem__ advtrain/engine/core.py (keep)", "__getitem__ advtrain/engine/core.py (<dictcomp>)")
+# The same on the loop contract's typed state (advtrain/engine/state.py): the index and each per-sample field.
+_STATE_RETIRE, _STATE_KEEP = "__int__ advtrain/engine/state.py (retire)", "__getitem__ advtrain/engine/state.py (keep)"
 BUDGETS = {
     # DDN-K on CPU: the zero-gradient test every iteration (on an accelerator the noise is drawn every step instead,
     # see test_ddn_on_an_accelerator_makes_no_host_sync).
@@ -135,9 +137,9 @@ BUDGETS = {
         "nonzero advtrain/attacks/anpgd.py (run)": 1,
         "nonzero advtrain/engine/loop.py (gradient_ascent)": 1,
         "__bool__ advtrain/threat/norms.py (as_eps_tensor)": 2,
-        "__getitem__ advtrain/engine/loop.py (score)": 4 * (K + 1),
+        "__getitem__ advtrain/engine/tracking.py (offer)": 4 * (K + 1),
         "__getitem__ advtrain/engine/tracking.py (update)": 6,
-        _RETIRE: K, _KEEP[0]: K, _KEEP[1]: 5 * K,
+        _STATE_RETIRE: K, _STATE_KEEP: 6 * K,  # PGD's index and x, ε, α, δ, ∇
     }),
 }  # fmt: skip
 

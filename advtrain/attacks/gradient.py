@@ -43,9 +43,7 @@ class PGD(Attack):
         random_start: start from a random point in the ball.
         targeted: ``labels`` are targets to reach.
         loss: ``"ce"`` (default), ``"margin"`` or ``"dlr"``.
-        autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast; the perturbation and its step stay float32.
-        compile: use the ``torch.compile``-d fused step (same results as the eager step; pays off on GPUs).
-        mode, seed: see :class:`Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`).
 
     Example:
         >>> attack = PGD(norm="linf", eps=8 / 255, steps=20)  # doctest: +SKIP
@@ -63,12 +61,9 @@ class PGD(Attack):
         random_start: bool = True,
         targeted: bool = False,
         loss: str = "ce",
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
         if eps < 0 or (step_size is not None and step_size <= 0):
@@ -105,8 +100,7 @@ class PGD(Attack):
             targeted=self.targeted,
             restarts=self.restarts,
             generator=generator,
-            autocast=self._autocast,
-            compile=self.compile,
+            **self.engine_options(),
         )
 
 
@@ -115,7 +109,7 @@ class BIM(PGD):
     """Basic iterative method / I-FGSM (Kurakin et al. 2017): PGD without random start or restarts.
 
     Args:
-        norm, eps, steps, step_size, targeted, loss, autocast, compile, mode: as :class:`PGD` (``step_size=None``
+        norm, eps, steps, step_size, targeted, loss, options: as :class:`PGD` (``step_size=None``
             gives ε/steps·1.25,
             the usual choice that lets the iterate reach the boundary).
     """
@@ -129,13 +123,11 @@ class BIM(PGD):
         step_size: float | None = None,
         targeted: bool = False,
         loss: str = "ce",
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: str = "eval",
+        **options,
     ) -> None:
         super().__init__(
             norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=1, random_start=False,
-            targeted=targeted, loss=loss, autocast=autocast, compile=compile, mode=mode,
+            targeted=targeted, loss=loss, **options,
         )  # fmt: skip
 
     def step_sizes(self, eps: Tensor) -> Tensor:
@@ -153,7 +145,7 @@ class FGSM(PGD):
     Args:
         eps: budget.
         targeted: step towards ``labels`` (x − ε·sign ∇CE(x, target)).
-        loss, autocast, compile, mode: as :class:`PGD`.
+        loss, options: as :class:`PGD`.
     """
 
     def __init__(
@@ -162,13 +154,11 @@ class FGSM(PGD):
         eps: float = 8 / 255,
         targeted: bool = False,
         loss: str = "ce",
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: str = "eval",
+        **options,
     ) -> None:
         super().__init__(
             norm="linf", eps=eps, steps=1, step_size=None, restarts=1, random_start=False, targeted=targeted,
-            loss=loss, autocast=autocast, compile=compile, mode=mode,
+            loss=loss, **options,
         )  # fmt: skip
 
     def step_sizes(self, eps: Tensor) -> Tensor:
@@ -180,7 +170,7 @@ class FGM(FGSM):
     """Fast gradient method, the L2 version of FGSM: x + ε·∇/‖∇‖₂, clipped to [0, 1].
 
     Args:
-        eps, targeted, loss, autocast, compile, mode: as :class:`FGSM`.
+        eps, targeted, loss, options: as :class:`FGSM`.
     """
 
     def __init__(
@@ -189,10 +179,8 @@ class FGM(FGSM):
         eps: float = 0.5,
         targeted: bool = False,
         loss: str = "ce",
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: str = "eval",
+        **options,
     ) -> None:
-        super().__init__(eps=eps, targeted=targeted, loss=loss, autocast=autocast, compile=compile, mode=mode)
+        super().__init__(eps=eps, targeted=targeted, loss=loss, **options)
         self.geometry = geometry_for("l2")
         self.norm = self.geometry.norm.value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -63,7 +62,7 @@ def create_attack(name: str, **hyperparameters) -> Attack:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown attack {name!r}; registered attacks are {sorted(_REGISTRY)}.")
     cls = _REGISTRY[name][1]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = list(cls.hyperparameters())
     unknown = sorted(set(hyperparameters) - set(accepted))
     if unknown:
         raise ValueError(f"Attack {name!r} does not take {unknown}; it takes {accepted}.")

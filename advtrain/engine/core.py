@@ -1,15 +1,19 @@
 """The attack core: the one batched loop every attack of the zoo runs on.
 
-An attack call builds one :class:`AttackCore` and one :class:`ActiveSet`, and hands the core a loop body:
+An attack call builds one :class:`AttackCore`, its per-sample state (a :class:`~advtrain.engine.state.SampleState`
+built by :meth:`AttackCore.start`), and hands the core the two halves of an iteration:
 
 * :class:`AttackCore` owns what every attack shares: the input and label checks, the gradient-mode guard, every
   model call (optional autocast with float32 logits, per-sample pass counting), gradients with respect to the
   attack's variable (also Jacobian rows and double-backward graphs), the success test, the optional
   ``torch.compile``-d elementwise step, and the final :class:`AttackResult`.
-* :class:`ActiveSet` holds the samples still under attack and their per-sample state tensors; when samples finish,
-  all of it shrinks together, so finished samples cost no more passes (per-sample early stopping).
-* :meth:`AttackCore.loop` is the loop itself: ``steps`` iterations of the body on the active set, retiring the
-  samples the body reports done, until none is left.
+* the state holds the samples still under attack and their per-sample tensors; when samples finish, all of it
+  shrinks together (or, in the masked mode, is masked together), so finished samples cost no more passes
+  (per-sample early stopping).
+* :meth:`AttackCore.loop` is the loop itself, the one place where samples are evaluated, the finished ones retired
+  and the rest advanced: each iteration calls ``evaluate(k, state)`` (model passes at the current iterates, tracking,
+  and the (n,) flags of the samples that are done), retires the done samples, and calls ``advance(k, state)`` (the
+  step) on the others, until the steps run out or nobody is left.
 
 Best-result tracking is :class:`~advtrain.engine.tracking.MinimalNormTracker` (smallest successful norm) or the
 max-loss tracking of :func:`advtrain.engine.loop.gradient_ascent`; the norm-specific math is in
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 from advtrain.engine.checks import check_inputs, check_labels, check_model_inputs, warn_if_probabilities
 from advtrain.engine.losses import is_fooled
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import ACTIVE_SET_MODES, SampleState
 from advtrain.engine.tracking import PassCounter, logits_of
 from advtrain.threat.geometry import Geometry
 
@@ -114,6 +119,8 @@ class AttackCore:
             reads values back from the device (a host sync); trusted callers that validated the batch already — the
             training maximizers, whose batch :class:`~advtrain.training.AdversarialTraining` checks on the host
             before it reaches the device — pass ``False``. Attacks called by users always check.
+        active_set: ``"shrink"`` (finished samples leave the state) or ``"mask"`` (fixed shapes, finished samples
+            masked), see :mod:`advtrain.engine.state`.
     """
 
     def __init__(
@@ -126,8 +133,11 @@ class AttackCore:
         autocast: torch.dtype | None = None,
         compile: bool = False,
         checks: bool = True,
+        active_set: str = "shrink",
     ) -> None:
         require_grad_mode()
+        if active_set not in ACTIVE_SET_MODES:
+            raise ValueError(f"Unknown active_set {active_set!r}; allowed values are {ACTIVE_SET_MODES}.")
         if checks:
             check_inputs(inputs)
             check_model_inputs(model, inputs)
@@ -142,11 +152,34 @@ class AttackCore:
         self.autocast = autocast
         self.compile = bool(compile)
         self.counter = PassCounter()
+        self.masked = active_set == "mask"
         self._labels_checked = not checks
+        self._live: SampleState | None = None  # the masked state whose rows the model calls count
 
     def everyone(self, **state: Tensor) -> ActiveSet:
         """An :class:`ActiveSet` of the whole batch."""
         return ActiveSet(torch.arange(self.batch, device=self.device), **state)
+
+    def start(self, cls: type[SampleState], rows: Tensor | None = None, **fields) -> SampleState:
+        """The per-sample state ``cls`` of the samples ``rows`` (positions in the batch; ``None``: every sample), its
+        per-sample fields given with one row per sample of ``rows``. In the masked mode the state spans the whole
+        batch: the fields are scattered into batch-sized tensors (zeros on the other rows) and ``active`` marks
+        ``rows``."""
+        index = torch.arange(self.batch, device=self.device) if rows is None else rows
+        if not self.masked:
+            return cls(index=index, **fields)
+        per_sample = set(cls.per_sample_fields())
+        full = torch.arange(self.batch, device=self.device)
+        active = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        active[index] = True
+        for name, value in fields.items():
+            if name in per_sample and value is not None:
+                spread = value.new_zeros((self.batch, *value.shape[1:]))
+                spread[index] = value
+                fields[name] = spread
+        state = cls(index=full, active=active, count=index.numel(), **fields)
+        self._live = state
+        return state
 
     def step(self, fn: Callable) -> Callable:
         """The elementwise step ``fn``, compiled when the core is (the eager ``fn`` is its reference twin)."""
@@ -155,7 +188,8 @@ class AttackCore:
     def logits(self, points: Tensor) -> Tensor:
         """Float32 logits of ``points`` (one counted forward per row); the first call checks the labels and warns if
         the model returns probabilities instead of logits."""
-        logits = logits_of(self.model, points.to(self.dtype), self.counter, autocast=self.autocast)
+        logits = logits_of(self.model, points.to(self.dtype), autocast=self.autocast)
+        self.counter.forward(self._rows(points.shape[0]))
         if not self._labels_checked:
             check_labels(self.y, logits.shape[1], self.batch)
             warn_if_probabilities(logits)
@@ -187,7 +221,7 @@ class AttackCore:
             logits = self.logits(points(variable))
             value = objective(logits)
             grad = torch.autograd.grad(value.sum(), variable, create_graph=create_graph)[0]
-        self.counter.backward(variable.shape[0])
+        self.counter.backward(self._rows(variable.shape[0]))
         if not create_graph:
             grad = grad.detach()
         return logits.detach(), value.detach(), grad, variable
@@ -197,23 +231,40 @@ class AttackCore:
         passes per sample, counted. Returns (n, K, *variable.shape[1:])."""
         count = outputs.shape[1]
         rows = [torch.autograd.grad(outputs[:, k].sum(), variable, retain_graph=k + 1 < count)[0] for k in range(count)]
-        self.counter.backward(count * variable.shape[0])
+        self.counter.backward(count * self._rows(variable.shape[0]))
         return torch.stack(rows, dim=1)
+
+    def _rows(self, n: int) -> int:
+        """The samples a model call on ``n`` rows counts: in the masked mode, a call on the whole masked state counts
+        its active rows only (what the shrinking mode would have run)."""
+        live = self._live
+        return live.count if live is not None and n == live.index.shape[0] else n
 
     def fooled(self, logits: Tensor, index: Tensor) -> Tensor:
         """Whether each row of ``logits`` fools the model for the samples ``index``."""
         return is_fooled(logits.detach(), self.y[index], self.targeted)
 
-    @staticmethod
-    def loop(active: ActiveSet, steps: int, body: Callable[[int, ActiveSet], Tensor | None]) -> None:
-        """Runs ``body(k, active)`` for k = 0..steps−1 while samples remain. ``body`` returns a (n,) bool tensor of
-        the samples that are done (retired before the next iteration), or ``None`` when all go on."""
+    def loop(
+        self,
+        state: SampleState | ActiveSet,
+        steps: int,
+        evaluate: Callable[[int, SampleState], Tensor | None],
+        advance: Callable[[int, SampleState], None] | None = None,
+    ) -> None:
+        """The attack loop, the one place where samples are evaluated, retired and advanced: for k = 0..steps−1,
+        while samples remain, ``done = evaluate(k, state)`` (a (n,) bool tensor of the samples that are done, or
+        ``None`` when all go on), the done samples leave (:meth:`SampleState.retire`: shrunk away or masked), then
+        ``advance(k, state)`` moves the others."""
+        if isinstance(state, SampleState) and state.masked:
+            self._live = state
         for k in range(steps):
-            if len(active) == 0:
+            if len(state) == 0:
                 return
-            done = body(k, active)
-            if done is not None:
-                active.retire(done)
+            done = evaluate(k, state)
+            if done is not None and state.retire(done) == 0:
+                return
+            if advance is not None:
+                advance(k, state)
 
     def project_into_budget(self, adv: Tensor, success: Tensor, eps: Tensor, geometry: Geometry) -> AttackResult:
         """The ε-ball variant of a minimal-norm attack: shrinks each found δ = adv − x into its ball (projection only

@@ -12,14 +12,27 @@ The loop is :meth:`advtrain.engine.core.AttackCore.loop`; this module supplies t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.losses import LossFn
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
+from advtrain.engine.tracking import MaxLossTracker
 from advtrain.threat.geometry import Geometry
 from advtrain.threat.norms import view_as_batch
+
+
+@dataclass(eq=False)
+class _AscentState(SampleState):
+    x: Tensor
+    eps: Tensor
+    alpha: Tensor
+    delta: Tensor
+    grad: Tensor | None = None
 
 
 def ascent_step(geometry: Geometry, inputs: Tensor, delta: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor) -> Tensor:
@@ -47,6 +60,7 @@ def gradient_ascent(
     autocast: torch.dtype | None = None,
     compile: bool = False,
     checks: bool = True,
+    active_set: str = "shrink",
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -76,52 +90,42 @@ def gradient_ascent(
             it is tested against.
         checks: check inputs and labels (see :class:`~advtrain.engine.core.AttackCore`); the training maximizers,
             whose batch was validated before it reached the device, pass ``False`` to save the host syncs.
+        active_set: ``"shrink"`` or ``"mask"``, see :mod:`advtrain.engine.state`.
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
     """
-    core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile, checks=checks)
+    core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile, checks=checks,
+                      active_set=active_set)  # fmt: skip
     x, y, batch, device = core.x, core.y, core.batch, core.device
     sign = -1.0 if targeted else 1.0
-
-    best_delta = torch.zeros_like(x, dtype=torch.float32)
-    best_loss = torch.full((batch,), float("-inf"), device=device)
-    success = torch.zeros(batch, dtype=torch.bool, device=device)
+    tracker = MaxLossTracker(x)
     step_fn = core.step(ascent_step)
 
-    def score(idx: Tensor, delta: Tensor, logits: Tensor, loss: Tensor) -> None:
-        """Records the points ``delta`` of samples ``idx`` when they beat the best so far."""
-        fooled = core.fooled(logits, idx)
-        # Fooling beats not fooling; between equals the larger loss wins, so a fooled sample is never undone.
-        better = (fooled & ~success[idx]) | ((fooled == success[idx]) & (loss > best_loss[idx]))
-        upd = idx[better]
-        best_delta[upd] = delta[better]
-        best_loss[upd] = loss[better]
-        success[upd] = fooled[better]
-
-    def body(k: int, s: ActiveSet) -> None:
-        logits, loss, grad, _ = core.value_and_grad(
-            s["delta"], lambda d: s["x"] + d, lambda z: sign * loss_fn(z, y[s.index])
-        )
+    def evaluate(k: int, s: _AscentState) -> Tensor | None:
+        objective = lambda z: sign * loss_fn(z, y[s.index])  # noqa: E731
+        logits, loss, s.grad, _ = core.value_and_grad(s.delta, lambda d: s.x + d, objective)
         if keep_best:
-            score(s.index, s["delta"], logits, loss)
-        s["grad"] = grad
-        if early_stop and s.retire(success[s.index]) == 0:
-            return
-        s["delta"] = step_fn(geometry, s["x"], s["delta"], s.pop("grad"), s["alpha"], s["eps"])
+            tracker.offer(s, s.delta, loss, core.fooled(logits, s.index))
+        return tracker.success[s.index] if early_stop else None
+
+    def advance(k: int, s: _AscentState) -> None:
+        s.delta = step_fn(geometry, s.x, s.delta, s.grad, s.alpha, s.eps)
 
     for _ in range(max(1, restarts)):
-        index = torch.arange(batch, device=device) if not early_stop else (~success).nonzero().squeeze(1)
+        index = torch.arange(batch, device=device) if not early_stop else (~tracker.success).nonzero().squeeze(1)
         if index.numel() == 0:
             break
         xa, ea = x[index], eps[index]
         delta = geometry.sample(xa, ea, generator) if random_start else torch.zeros_like(xa)
-        active = ActiveSet(index, x=xa, eps=ea, alpha=step_size[index], delta=geometry.project_ball_box(xa, delta, ea))
-        core.loop(active, steps, body)
+        active = core.start(_AscentState, index, x=xa, eps=ea, alpha=step_size[index],
+                            delta=geometry.project_ball_box(xa, delta, ea))  # fmt: skip
+        core.loop(active, steps, evaluate, advance)
         if keep_best and len(active) > 0:
-            logits = core.forward(active["x"] + active["delta"])
-            score(active.index, active["delta"], logits, sign * loss_fn(logits, y[active.index]))
+            logits = core.forward(active.x + active.delta)
+            loss = sign * loss_fn(logits, y[active.index])
+            tracker.offer(active, active.delta, loss, core.fooled(logits, active.index))
         if not keep_best:
-            best_delta[active.index] = active["delta"]
+            active.write(tracker.best_delta, active.delta)
 
-    return core.result(x + best_delta.to(x.dtype), success, geometry.measure)
+    return core.result(x + tracker.best_delta.to(x.dtype), tracker.success, geometry.measure)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from advtrain.engine.checks import check_logits
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
 from advtrain.threat.norms import view_as_batch
 
 
@@ -91,3 +92,42 @@ class MinimalNormTracker:
         self.best_adv[upd] = adv[better].detach().to(self.best_adv.dtype)
         self.best_norm[upd] = norms[better].detach().float()
         self.success[upd] = True
+
+    def offer(self, state: SampleState, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
+        """:meth:`update` with the candidates of every row of ``state`` (in the masked mode, of its active rows)."""
+        if state.masked:
+            self.update(None, adv, norms, fooled & state.active)
+        else:
+            self.update(state.index, adv, norms, fooled)
+
+
+class MaxLossTracker:
+    """Keeps, per sample, the best point of a loss-maximising (budgeted) attack: a point that fools the model beats one
+    that does not; between two that both fool or both do not, the larger loss wins (so a fooled sample is never
+    undone). A sample never offered a point keeps δ = 0 with loss −∞.
+
+    Args:
+        inputs: the clean batch (δ is kept in float32, with its shape).
+    """
+
+    def __init__(self, inputs: Tensor) -> None:
+        batch = inputs.shape[0]
+        self.best_delta = torch.zeros_like(inputs, dtype=torch.float32)
+        self.best_loss = torch.full((batch,), float("-inf"), device=inputs.device)
+        self.success = torch.zeros(batch, dtype=torch.bool, device=inputs.device)
+
+    def offer(self, state: SampleState, delta: Tensor, loss: Tensor, fooled: Tensor) -> None:
+        """Offers the perturbations ``delta`` of the rows of ``state`` with their ``loss`` and whether they fool."""
+        index = state.index
+        success, best_loss = self.success[index], self.best_loss[index]
+        better = (fooled & ~success) | ((fooled == success) & (loss > best_loss))
+        if state.masked:
+            better = better & state.active
+            self.best_delta = torch.where(view_as_batch(better, delta), delta.float(), self.best_delta)
+            self.best_loss = torch.where(better, loss, self.best_loss)
+            self.success = torch.where(better, fooled, self.success)
+            return
+        upd = index[better]
+        self.best_delta[upd] = delta[better].float()
+        self.best_loss[upd] = loss[better]
+        self.success[upd] = fooled[better]

@@ -16,7 +16,6 @@ and which gradient-masking checks it feeds (:mod:`advtrain.evaluation.masking`):
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,7 +227,7 @@ def build_suite(
         spec = specs[entry.attack]
         if norm not in spec.norms:
             continue
-        accepted = inspect.signature(_REGISTRY[entry.attack][1].__init__).parameters
+        accepted = _REGISTRY[entry.attack][1].hyperparameters()
         kwargs = {**entry.kwargs, **entry.per_norm.get(norm, {}), **(overrides or {}).get(entry.label, {})}
         if "norm" in accepted:
             kwargs.setdefault("norm", norm)
@@ -238,7 +237,7 @@ def build_suite(
         if spec.stochastic and "seed" in accepted:
             kwargs.setdefault("seed", seed)
         wrong = sorted(set(kwargs) - set(accepted) - {"self"})
-        if wrong and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        if wrong:
             raise InvalidConfigError(
                 f"overrides: {entry.label} has no hyperparameter {wrong[0]!r}; it accepts "
                 f"{', '.join(p for p in accepted if p != 'self')}."

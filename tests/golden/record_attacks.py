@@ -88,7 +88,8 @@ def build(key: str, name: str, norm: str, kwargs: dict):
     from advtrain.attacks.registry import _REGISTRY
 
     spec = list_attacks()[name]
-    accepted = inspect.signature(_REGISTRY[name][1].__init__).parameters
+    cls = _REGISTRY[name][1]
+    accepted = cls.hyperparameters() if hasattr(cls, "hyperparameters") else inspect.signature(cls.__init__).parameters
     if "norm" in accepted:
         kwargs["norm"] = norm
     if spec.kind is AttackKind.BUDGETED or key.split("|")[0] in BUDGETED_VARIANTS:
