@@ -41,9 +41,9 @@ class YOPO(InnerMaximizer):
     of every layer after the first (g) and gives the costate p = ∂L/∂f0(x + η); then n inner steps on the
     Hamiltonian ⟨f0(x + η), p⟩ move η (η ← Π(η + σ·sign ∇_η), inside the ε-ball and the [0, 1] box) through the
     first layer only; then the first layer's weight gradient of ⟨f0(x + η_new), p⟩ is accumulated. After m rounds
-    the module takes one optimizer step. Gradients are summed over the m rounds, so recipes using SGD pre-divide the
-    learning rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m); Adam is invariant to the gradient's scale and
-    keeps its learning rate (``configs/maximizer/yopo_mnist.yaml``).
+    :class:`YOPOStep` takes one optimizer step. Gradients are summed over the m rounds, so recipes using SGD
+    pre-divide the learning rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m); Adam is invariant to the
+    gradient's scale and keeps its learning rate (``configs/maximizer/yopo_mnist.yaml``).
 
     Decision: the official PreActResNet config also accumulates the first layer's gradient from the
     full backward passes, counting it twice; here the full backward passes reach only g, and the first layer gets
