@@ -33,6 +33,7 @@ from advtrain.data.base import AdvDataModule
 from advtrain.engine.tracking import autocast_dtype
 from advtrain.errors import InvalidConfigError, UserError
 from advtrain.maximizers.base import InnerMaximizer
+from advtrain.models.build import build_model, load_classifier_weights
 from advtrain.runtime import tune_cpu_allocator
 from advtrain.threat.norms import Norm
 from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
@@ -445,7 +446,6 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust, av
     module. Through the CLI the module is built from the config layered over the checkpoint's hyperparameters
     (:class:`AdvTrainCLI`), so flags and config files apply as in validate and test."""
     from advtrain.training.checkpoint import read_checkpoint
-    from advtrain.training.module import _build_model, _load_classifier_weights
 
     if ckpt_path is None:
         log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
@@ -463,11 +463,11 @@ def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust, av
             ckpt = {**ckpt, "state_dict": ckpt["current_model_state"]}
     if arch is not None:
         facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
-        classifier = _build_model(arch, arch_kwargs or {}, *facts)
+        classifier = build_model(arch, arch_kwargs or {}, *facts)
     else:
         classifier = model.model
     what = f"--arch {arch}" if arch is not None else "model.arch (the config's)"
-    _load_classifier_weights(classifier, ckpt_path, what, ckpt)  # unwraps state_dict/model, model. and module.
+    load_classifier_weights(classifier, ckpt_path, what, ckpt)  # unwraps state_dict/model, model. and module.
     if arch is None:
         return model
     return classifier.eval()

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from helpers import LinearNet, TinyCNN
 
-from advtrain.maximizers import PGD, TRADES, Bilateral, FastFGSM, Perturbation, adversarial_labels, smoothed_labels
+from advtrain.maximizers import (
+    PGD,
+    TRADES,
+    Bilateral,
+    FastFGSM,
+    Perturbation,
+    SoftLabelPerturbation,
+    adversarial_labels,
+    smoothed_labels,
+)
 from advtrain.training import SoftLabelCE, TRADESLoss
 
 
@@ -56,14 +65,14 @@ def test_bilateral_image_step_targets_the_most_confusing_class():
     grad = (grad_logits @ w).view_as(x)
     expected = (x0 - 0.05 * grad.sign()).clamp(x - 0.05, x + 0.05).clamp(0, 1)
     torch.testing.assert_close(pert.adv, expected, atol=1e-6, rtol=0)
-    assert pert.soft_labels.shape == (6, 10)
+    assert isinstance(pert, SoftLabelPerturbation) and pert.soft_labels.shape == (6, 10)
 
 
 def test_soft_label_ce():
     model = TinyCNN().eval()
     x, y = _data()
     soft = smoothed_labels(y, 10, smoothing=0.3)
-    out = SoftLabelCE()(model, x, y, Perturbation(adv=x, soft_labels=soft))
+    out = SoftLabelCE()(model, x, y, SoftLabelPerturbation(adv=x, soft_labels=soft))
     expected = -(soft * F.log_softmax(model(x), dim=1)).sum(1).mean()
     torch.testing.assert_close(out.loss, expected)
     hard = SoftLabelCE()(model, x, y, Perturbation(adv=x))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import LinearNet, TinyCNN
 
-from advtrain.maximizers import MMA, Perturbation
+from advtrain.maximizers import MMA, MarginPerturbation, Perturbation
 from advtrain.training import AdversarialTraining, MMALoss
 from advtrain.training.schedules import MultiStep, total_steps_context
 
@@ -37,7 +38,7 @@ def test_margins_move_to_the_true_margin_and_misclassified_store_zero():
     pert = mma(model, x, y, index)
     assert mma.margins.numel() == 112 and torch.all(mma.margins[:100] == 0)
     stored = mma.margins[index]
-    correct = pert.extra["correct"]  # SLM < 0: the true logit beats the log-sum-exp of the others
+    correct = pert.correct  # SLM < 0: the true logit beats the log-sum-exp of the others
     assert not correct[:3].any() and correct.sum() >= 6
     assert torch.all(stored[~correct] == 0)
     exact = _exact_linf_margin(model, x[correct], y[correct])
@@ -46,7 +47,7 @@ def test_margins_move_to_the_true_margin_and_misclassified_store_zero():
     ratio = stored[correct] / exact
     assert torch.all(ratio >= 1 - 1e-3) and torch.all(ratio <= 1.3) and ratio.median() <= 1.1
     # Those within d_max train on x + δ*; δ* has the stored size.
-    used = pert.extra["use_adv"]
+    used = pert.use_adv
     assert torch.equal(used, correct)
     sizes = (pert.adv - x).flatten(1).abs().amax(1)
     torch.testing.assert_close(sizes[correct], stored[correct], atol=1e-5, rtol=1e-4)
@@ -60,7 +61,7 @@ def test_binary_margins_are_exact():
     y = model(x).argmax(1)
     mma = MMA(norm="linf", max_eps=0.5, min_eps=0.005, steps=10, bisection_steps=25)
     pert = mma(model, x, y, torch.arange(8))
-    c = pert.extra["correct"]
+    c = pert.correct
     assert c.sum() >= 4
     torch.testing.assert_close(mma.margins[:8][c], _exact_linf_margin(model, x[c], y[c]), rtol=1e-2, atol=1e-5)
 
@@ -69,7 +70,7 @@ def test_hinge_excludes_examples_beyond_dmax():
     model, x, y = _linear_case()
     mma = MMA(norm="linf", max_eps=1e-3, min_eps=1e-3, steps=3)
     pert = mma(model, x, y, torch.arange(12))
-    assert not pert.extra["use_adv"].any()
+    assert not pert.use_adv.any()
     assert torch.equal(pert.adv, x)
 
 
@@ -80,7 +81,7 @@ def test_mma_loss_matches_hand_computation():
     adv = (x + 0.05).clamp(0, 1)
     correct = torch.tensor([True, True, True, False, False, True])
     use_adv = torch.tensor([True, False, True, False, False, True])
-    out = MMALoss()(model, x, y, Perturbation(adv=adv, extra={"correct": correct, "use_adv": use_adv}))
+    out = MMALoss()(model, x, y, MarginPerturbation(adv=adv, correct=correct, use_adv=use_adv))
     clean = F.cross_entropy(model(x), y, reduction="none")
     advl = F.cross_entropy(model(adv), y, reduction="none")
     expected = (
@@ -88,15 +89,21 @@ def test_mma_loss_matches_hand_computation():
         / 6
     )
     torch.testing.assert_close(out.loss, expected)
+    # Without MMA's masks the loss refuses to run: it never falls back to clean training in silence.
+    for plain in (Perturbation(adv=adv), Perturbation(adv=None)):
+        with pytest.raises(TypeError, match="MarginPerturbation"):
+            MMALoss()(model, x, y, plain)
 
 
 def test_margins_are_saved_and_restored_with_the_module():
-    module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, maximizer=MMA())
+    module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, maximizer=MMA(),
+                                 objective=MMALoss())  # fmt: skip
     module.maximizer.margin_of(torch.tensor([9]))
     module.maximizer.margins[:] = torch.linspace(0, 1, 10)
     state = module.state_dict()
     assert "maximizer.margins" in state
-    fresh = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, maximizer=MMA())
+    fresh = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, maximizer=MMA(),
+                                objective=MMALoss())  # fmt: skip
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.maximizer.margins, torch.linspace(0, 1, 10))
 

@@ -20,6 +20,7 @@ from helpers import ROOT, run_advtrain, sitecustomize_env
 
 from advtrain.errors import UserError
 from advtrain.models import WideResNet, create_model, load_robustbench
+from advtrain.models.build import load_classifier_weights
 from advtrain.models.robustbench import (
     RobustBenchEntry,
     RobustBenchError,
@@ -32,7 +33,6 @@ from advtrain.models.robustbench import (
 )
 from advtrain.threat.norms import Norm
 from advtrain.training.checkpoint import CheckpointError
-from advtrain.training.module import _load_classifier_weights
 
 HAVE_ROBUSTBENCH = importlib.util.find_spec("robustbench") is not None
 needs_robustbench = pytest.mark.skipif(not HAVE_ROBUSTBENCH, reason="robustbench is not installed")
@@ -249,14 +249,14 @@ def test_a_plain_state_dict_without_mean_and_std_takes_the_datasets_normalisatio
     torch.save({k: v for k, v in trained.state_dict().items() if k not in ("mean", "std")}, path)
     torch.manual_seed(1)
     fresh = create_model("preact_resnet18", num_classes=10, **cifar)
-    _load_classifier_weights(fresh, str(path))
+    load_classifier_weights(fresh, str(path))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), trained(x), rtol=0, atol=0)
     # Another missing key is still refused.
     torch.save({k: v for k, v in trained.state_dict().items() if k not in ("mean", "linear.bias")}, path)
     with pytest.raises(CheckpointError, match=r"1 missing \(e.g. linear.bias\)"):
-        _load_classifier_weights(fresh, str(path))
+        load_classifier_weights(fresh, str(path))
 
 
 @needs_robustbench
@@ -271,7 +271,7 @@ def test_robustbench_wide_resnet_layout_loads_into_advtrains_wide_resnet(tmp_pat
     path = tmp_path / "rb-wrn.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     ours = WideResNet(depth=16, widen_factor=2)  # no mean/std: RobustBench's WideResNet has no normalisation
-    _load_classifier_weights(ours, str(path))
+    load_classifier_weights(ours, str(path))
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         # The same function; only the pooling's summation order differs (8x8 average pooling against global average
@@ -279,7 +279,7 @@ def test_robustbench_wide_resnet_layout_loads_into_advtrains_wide_resnet(tmp_pat
         torch.testing.assert_close(ours.double().eval()(x), theirs.double().eval()(x), rtol=1e-12, atol=1e-12)
     # A WRN of another depth does not fit after the map: the usual error, naming the original keys.
     with pytest.raises(CheckpointError, match="do not fit the WideResNet model"):
-        _load_classifier_weights(WideResNet(depth=22, widen_factor=2), str(path))
+        load_classifier_weights(WideResNet(depth=22, widen_factor=2), str(path))
 
 
 def test_the_wide_resnet_key_map():

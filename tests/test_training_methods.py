@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from advtrain.errors import InvalidConfigError
-from advtrain.maximizers import PGD, TRADES, YOPO, FreeAT, InnerMaximizer, Perturbation
+from advtrain.maximizers import PGD, TRADES, YOPO, FreeAT, FreeATStep, InnerMaximizer, Perturbation
 from advtrain.training import AWP, AdversarialCE, AdversarialTraining, MARTLoss, MixedCE, TRADESLoss
 
 
@@ -272,7 +272,8 @@ def test_free_at_state_is_saved_and_its_settings_are_checked():
     loaded = FreeAT(eps=0.1, m=2)
     loaded.load_state_dict(free.state_dict())
     assert torch.equal(loaded.delta, free.delta)
-    assert free.steps_per_batch == 2 and free.manual_optimization and free.steps_itself
+    assert free.steps_per_batch == 2 and free.step_strategy is FreeATStep and free.produces is None
+    assert not FreeATStep.automatic_optimization and not FreeATStep.partial_backward  # full backward passes only
     for bad in (dict(m=0), dict(m=1.5), dict(step_size=0.0), dict(eps=-1.0)):
         with pytest.raises(ValueError):
             FreeAT(**bad)

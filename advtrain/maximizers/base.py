@@ -8,16 +8,17 @@ method allows.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
+from advtrain.errors import InvalidConfigError
+from advtrain.maximizers.steps import StepHost, StepOutput, TrainingStep
 from advtrain.threat.norms import checks_budget_arguments
 
 A = TypeVar("A", bound=Attack)
@@ -27,20 +28,49 @@ A = TypeVar("A", bound=Attack)
 class Perturbation:
     """What a maximizer hands to the outer objective.
 
+    A method that hands the objective more than the inputs subclasses it with typed fields (soft labels:
+    :class:`~advtrain.maximizers.bilateral.SoftLabelPerturbation`; MMA's masks:
+    :class:`~advtrain.maximizers.mma.MarginPerturbation`): the maximizer declares the type it returns
+    (:attr:`InnerMaximizer.produces`), each objective the types it reads (``Objective.reads``), and the module refuses,
+    when it is built, an objective that needs fields the maximizer does not produce or would ignore fields that it
+    does (:func:`advtrain.training.pairing.check_pairing`).
+
     Attributes:
         adv: the perturbed training inputs in [0, 1], or ``None`` to train on the clean inputs.
-        soft_labels: optional (B, K) target distributions (label-side methods).
-        eps: optional (B,) per-sample budgets the maximizer used.
-        extra: method-specific per-sample tensors for the matching objective (e.g. MMA's masks).
+        eps: optional (B,) per-sample budgets the maximizer used (information: an objective may ignore it).
     """
 
     adv: Tensor | None
-    soft_labels: Tensor | None = None
     eps: Tensor | None = None
-    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-class InnerMaximizer(ABC):
+class AdversarialStep(TrainingStep):
+    """The generic training step (the default :attr:`InnerMaximizer.step_strategy`): ``maximizer(model, x, y, index)``
+    gives a :class:`Perturbation`, the module's weight perturbation (if any) is applied on the objective's loss, and
+    the objective's loss goes to Lightning's automatic optimisation (its backward pass and one optimizer step)."""
+
+    def check(self, maximizer: InnerMaximizer) -> None:
+        if type(maximizer).__call__ is InnerMaximizer.__call__:
+            raise InvalidConfigError(
+                f"model.maximizer: {type(maximizer).__name__} declares the step {type(self).__name__}, which calls "
+                "maximizer(model, inputs, labels, index), but defines no __call__: define it, or declare the step "
+                "strategy it needs (step_strategy)."
+            )
+        if maximizer.produces is None:
+            raise InvalidConfigError(
+                f"model.maximizer: {type(maximizer).__name__} declares produces=None (no perturbation) but the step "
+                f"{type(self).__name__}, which hands its perturbation to the objective: declare the type it returns."
+            )
+
+    def __call__(self, host: StepHost, inputs: Tensor, labels: Tensor, index: Tensor | None) -> StepOutput:
+        pert = host.maximizer(host.model, inputs, labels, index)
+        host.perturb_weights(lambda: host.objective(host.model, inputs, labels, pert).loss)
+        out = host.objective(host.model, inputs, labels, pert)
+        host.record_loss(out.loss)
+        return out
+
+
+class InnerMaximizer:
     """Base class: ``maximizer(model, inputs, labels, index) -> Perturbation``.
 
     ``model`` is the bare classifier (not the LightningModule). The maximizer must leave the model's modes and
@@ -51,30 +81,45 @@ class InnerMaximizer(ABC):
     reads values back from the device, a host sync per step — and run their attack cores with ``checks=False``;
     call :func:`advtrain.engine.checks.check_inputs` and ``check_labels`` first when using one on an unchecked batch.
 
-    A maximizer that computes the weight gradients itself (YOPO) sets ``manual_optimization = True`` and implements
-    ``training_step(model, inputs, labels, backward)``; the module then runs in manual optimisation and takes one
-    optimizer step after it. One that also takes the optimizer steps itself (Free AT: several per minibatch) sets
-    ``steps_itself = True`` as well; its ``training_step(model, inputs, labels, backward, step)`` calls ``step(loss)``
-    for each of its :attr:`steps_per_batch` optimizer steps.
+    What a maximizer declares (class attributes; the module reads them and names no maximizer):
 
-    Budgets: ``budget_keys`` names the hyperparameters that are lengths in input space and scale together (the budget
-    first, then the step sizes and radii measured against it; dotted for an inner attack's, e.g.
-    ``"_attack.max_eps"``). :meth:`budget_scaled` multiplies them all by one factor for the duration of a step, which
-    is how a budget schedule (:class:`advtrain.training.BudgetRamp`) ramps ε and keeps α/ε constant; at factor f the
-    maximizer is the one built with every budget × f.
+    - ``step_strategy``: the :class:`~advtrain.maximizers.steps.TrainingStep` the module delegates each training step
+      to. :class:`AdversarialStep` (default) calls ``__call__`` and minimises the objective under Lightning's automatic
+      optimisation. A maximizer that is a whole training step declares its own strategy instead (YOPO's
+      :class:`~advtrain.maximizers.yopo.YOPOStep` accumulates the weight gradients itself; Free AT's
+      :class:`~advtrain.maximizers.free.FreeATStep` takes several optimizer steps per batch), implements what that
+      strategy calls, and has no ``__call__``.
+    - ``produces``: the :class:`Perturbation` type ``__call__`` returns; the module checks it against the objective's
+      ``reads``. ``None`` for a maximizer that hands no perturbation to an objective (a whole training step with its
+      own loss: the module then accepts only the default objective).
+    - ``budget_keys``: the hyperparameters that are lengths in input space and scale together (the budget first, then
+      the step sizes and radii measured against it; dotted for an inner attack's, e.g. ``"_attack.max_eps"``).
+      :meth:`budget_scaled` multiplies them all by one factor for the duration of a step, which is how a budget
+      schedule (:class:`advtrain.training.BudgetRamp`) ramps ε and keeps α/ε constant; at factor f the maximizer is
+      the one built with every budget × f.
+    - :attr:`steps_per_batch` (a property): optimizer steps per batch, when the strategy takes more than one.
+
+    A new maximizer is one file (the class, and its strategy or perturbation type when it needs new ones) plus a
+    config fragment under ``configs/maximizer/``.
     """
 
-    manual_optimization: bool = False
-    steps_itself: bool = False
+    step_strategy: ClassVar[type[TrainingStep]] = AdversarialStep
+    produces: ClassVar[type[Perturbation] | None] = Perturbation
     budget_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         checks_budget_arguments(cls)  # eps: a number, >= 0, <= 1 for L∞, parsed once in the constructor
 
-    @abstractmethod
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        """Computes the training perturbation for a batch."""
+        """Computes the training perturbation for a batch (what :class:`AdversarialStep` calls). A maximizer driven by
+        another strategy does not define it."""
+        strategy = self.step_strategy
+        mode = "automatic" if strategy.automatic_optimization else "manual"
+        raise NotImplementedError(
+            f"{type(self).__name__} produces no perturbation: it is a whole training step ({strategy.__name__}, "
+            f"{mode} optimisation). Use it through AdversarialTraining."
+        )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

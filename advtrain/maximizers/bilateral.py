@@ -4,6 +4,7 @@ one-step targeted attack toward the most confusing class, and the label with an 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,6 +16,18 @@ from advtrain.engine.losses import cross_entropy
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
+
+
+@dataclass(kw_only=True)
+class SoftLabelPerturbation(Perturbation):
+    """A perturbation with the target distributions to train on (label-side methods: :class:`Bilateral`); read by
+    :class:`~advtrain.training.objectives.SoftLabelCE`.
+
+    Attributes:
+        soft_labels: (B, K) target distributions (each row sums to 1).
+    """
+
+    soft_labels: Tensor
 
 
 def adversarial_labels(probs: Tensor, labels: Tensor, *, beta: float = 9.0, gamma: float = 0.01) -> Tensor:
@@ -77,6 +90,7 @@ class Bilateral(InnerMaximizer):
         attack_mode: ``"eval"`` or ``"train"``.
     """
 
+    produces = SoftLabelPerturbation
     budget_keys = ("eps", "step_size")
 
     def __init__(
@@ -101,7 +115,9 @@ class Bilateral(InnerMaximizer):
         self.smoothing = float(smoothing)
         self.attack_mode = AttackMode.parse(attack_mode).value
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
+    def __call__(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None
+    ) -> SoftLabelPerturbation:
         eps = batch_budget(self.eps, inputs)
         alpha = eps.clone() if self.step_size is None else torch.full_like(eps, self.step_size)
         with attack_context(model, self.attack_mode):
@@ -118,4 +134,4 @@ class Bilateral(InnerMaximizer):
             soft = adversarial_labels(probs, labels, beta=self.beta)
         else:
             soft = smoothed_labels(labels, logits.shape[1], smoothing=self.smoothing)
-        return Perturbation(adv=result.adv, soft_labels=soft, eps=eps)
+        return SoftLabelPerturbation(adv=result.adv, soft_labels=soft, eps=eps)

@@ -3,23 +3,41 @@ ashafahi/free_adv_train, TensorFlow CIFAR code, and mahyarnajibi/FreeAdversarial
 
 Free AT is a whole training step rather than a perturbation: every backward pass yields the weight gradient (one
 optimizer step) and the input gradient (one FGSM step of the perturbation) at once, and each minibatch is replayed m
-times. The LightningModule therefore runs it in manual optimisation and lets it take its own optimizer steps
-(``manual_optimization = True``, ``steps_itself = True``).
+times. It declares its own step strategy, :class:`FreeATStep`: the LightningModule runs it in manual optimisation
+and lets it take its own optimizer steps.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
-from advtrain.maximizers.yopo import ManualStepOutput
+from advtrain.maximizers.base import InnerMaximizer, batch_budget, checked_budget
+from advtrain.maximizers.steps import ManualStep, ManualStepOutput, StepHost
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import view_as_batch
+
+
+class FreeATStep(ManualStep):
+    """Free AT's training step: the maximizer's m replays (:meth:`FreeAT.training_step`), each ending in one optimizer
+    step that this strategy takes when the maximizer calls it (:meth:`take_step`)."""
+
+    def run(self, host: StepHost, optimizer: Any, inputs: Tensor, labels: Tensor) -> ManualStepOutput:
+        step = functools.partial(self.take_step, host, optimizer)
+        return host.maximizer.training_step(host.model, inputs, labels, host.manual_backward, step)
+
+    @staticmethod
+    def take_step(host: StepHost, optimizer: Any, loss: Tensor) -> None:
+        """One replay's optimizer step, after its loss is recorded (with ``divergence_check_every=1`` a non-finite
+        loss raises here, before the step)."""
+        host.record_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 class FreeAT(InnerMaximizer, nn.Module):
@@ -30,7 +48,8 @@ class FreeAT(InnerMaximizer, nn.Module):
     δ ← Π_ε(δ + α·sign ∇_δ) (L2: the normalised gradient). δ starts at 0 once and is **carried**: from replay to
     replay and from minibatch to minibatch (the next minibatch starts from the last δ of the previous one, a
     perturbation found for other images, as in the paper). So one minibatch costs m forward/backward passes and makes
-    m optimizer steps: ``trainer.global_step`` grows by m per batch.
+    m optimizer steps: ``trainer.global_step`` grows by m per batch. Its loss is that cross-entropy: it takes no
+    objective (``produces = None``; the module refuses any but the default one).
 
     Epochs: each minibatch is seen m times, so the paper divides the number of epochs by m to keep the number of
     passes (and optimizer steps) of natural training; a recipe states this directly as ``trainer.max_epochs`` (e.g.
@@ -55,8 +74,8 @@ class FreeAT(InnerMaximizer, nn.Module):
         step_size: α of the δ update; ``None`` gives ε (the paper).
     """
 
-    manual_optimization = True
-    steps_itself = True
+    step_strategy = FreeATStep
+    produces = None
     budget_keys = ("eps", "step_size")
 
     def __init__(
@@ -97,9 +116,6 @@ class FreeAT(InnerMaximizer, nn.Module):
             missing = self.delta.new_zeros(inputs.shape[0] - self.delta.shape[0], *inputs.shape[1:])
             self.delta = torch.cat([self.delta, missing])
         return self.delta[: inputs.shape[0]]
-
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        raise RuntimeError("Free AT takes its own optimizer steps: use it through AdversarialTraining.")
 
     def training_step(
         self,

@@ -3,6 +3,7 @@ through Adversarial Training", ICLR 2020; seed 003 Alg. 1–2)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -13,6 +14,22 @@ from advtrain.attacks.anpgd import ANPGD
 from advtrain.engine.losses import soft_logit_margin
 from advtrain.engine.modes import attack_context
 from advtrain.maximizers.base import InnerMaximizer, Perturbation, trusted
+
+
+@dataclass(kw_only=True)
+class MarginPerturbation(Perturbation):
+    """MMA's perturbation, with the masks of :class:`~advtrain.training.objectives.MMALoss`'s loss mix.
+
+    Attributes:
+        adv: x + δ* where ``use_adv``, the clean input elsewhere.
+        eps: ε*, the margin AN-PGD found (0 for the misclassified examples, 1.05·d_max where it found no boundary).
+        correct: (B,) bool, the examples the model classifies correctly (clean soft logit margin < 0).
+        use_adv: (B,) bool, the correct examples with ε* < d_max: trained on ``adv``.
+    """
+
+    adv: Tensor
+    correct: Tensor
+    use_adv: Tensor
 
 
 class MMA(InnerMaximizer, nn.Module):
@@ -59,6 +76,7 @@ class MMA(InnerMaximizer, nn.Module):
         bisection_steps: bisection steps of AN-PGD.
     """
 
+    produces = MarginPerturbation
     budget_keys = ("max_eps", "min_eps", "_attack.max_eps", "_attack.eps")
 
     def __init__(
@@ -100,7 +118,9 @@ class MMA(InnerMaximizer, nn.Module):
         self._grow(int(index.max()) + 1)
         return self.margins[index]
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
+    def __call__(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None
+    ) -> MarginPerturbation:
         if index is None:
             raise ValueError("MMA keeps a margin per training example and needs the dataset index in each batch; "
                              "advtrain's datamodules yield (x, y, index).")  # fmt: skip
@@ -125,7 +145,7 @@ class MMA(InnerMaximizer, nn.Module):
         if everywhere is not index:  # the other ranks' examples may lie beyond this rank's largest index
             self._grow(int(everywhere.max()) + 1)
         self.margins[everywhere] = eps_star_all
-        return Perturbation(adv=adv, eps=eps_star, extra={"correct": correct, "use_adv": use_adv})
+        return MarginPerturbation(adv=adv, eps=eps_star, correct=correct, use_adv=use_adv)
 
     def __repr__(self) -> str:
         return InnerMaximizer.__repr__(self)

@@ -1,32 +1,37 @@
 """YOPO-m-n, "You Only Propagate Once" (Zhang et al., NeurIPS 2019; seed 003).
 
 YOPO is a whole training step rather than a perturbation: it reuses each full backward pass m times, running n cheap
-inner updates of the perturbation through the first layer only, and builds the weight gradients itself. The
-LightningModule therefore switches to manual optimisation when it is given this maximizer
-(``manual_optimization = True``).
+inner updates of the perturbation through the first layer only, and builds the weight gradients itself. It declares
+its own step strategy, :class:`YOPOStep`, which the LightningModule runs in manual optimisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advtrain.engine.loop import ascent_step
-from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
+from advtrain.maximizers.base import InnerMaximizer, batch_budget, checked_budget
+from advtrain.maximizers.steps import ManualStep, ManualStepOutput, StepHost
 from advtrain.threat.geometry import geometry_for
 
 
-@dataclass
-class ManualStepOutput:
-    """What a manual training step reports: the mean loss over its rounds and the last round's logits."""
+class YOPOStep(ManualStep):
+    """YOPO's training step: the maximizer accumulates the weight gradients of its m rounds
+    (:meth:`YOPO.training_step`), then one optimizer step. Its full backward passes reach every layer but the first,
+    and its Hamiltonian passes only the first: DDP must look for unused parameters (``partial_backward``)."""
 
-    loss: Tensor
-    logits: Tensor
+    partial_backward = True
+
+    def run(self, host: StepHost, optimizer: Any, inputs: Tensor, labels: Tensor) -> ManualStepOutput:
+        out = host.maximizer.training_step(host.model, inputs, labels, host.manual_backward)
+        host.record_loss(out.loss)  # with divergence_check_every=1 this raises before the step
+        optimizer.step()
+        return out
 
 
 class YOPO(InnerMaximizer):
@@ -36,15 +41,15 @@ class YOPO(InnerMaximizer):
     of every layer after the first (g) and gives the costate p = ∂L/∂f0(x + η); then n inner steps on the
     Hamiltonian ⟨f0(x + η), p⟩ move η (η ← Π(η + σ·sign ∇_η), inside the ε-ball and the [0, 1] box) through the
     first layer only; then the first layer's weight gradient of ⟨f0(x + η_new), p⟩ is accumulated. After m rounds
-    the module takes one optimizer step. Gradients are summed over the m rounds, so recipes using SGD pre-divide the
-    learning rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m); Adam is invariant to the gradient's scale and
-    keeps its learning rate (``configs/maximizer/yopo_mnist.yaml``).
+    :class:`YOPOStep` takes one optimizer step. Gradients are summed over the m rounds, so recipes using SGD
+    pre-divide the learning rate by m (CIFAR PreActResNet-18: 0.1·2/m; MNIST: 0.01/m); Adam is invariant to the
+    gradient's scale and keeps its learning rate (``configs/maximizer/yopo_mnist.yaml``).
 
     Decision: the official PreActResNet config also accumulates the first layer's gradient from the
     full backward passes, counting it twice; here the full backward passes reach only g, and the first layer gets
     exactly the m Hamiltonian terms (the WRN/MNIST configs' behaviour). The model must be an
-    :class:`advtrain.models.Classifier` (``layer_one``/``rest`` split). The module's ``objective`` is not used: YOPO's
-    loss is the cross-entropy on its perturbed inputs.
+    :class:`advtrain.models.Classifier` (``layer_one``/``rest`` split). YOPO's loss is the cross-entropy on its
+    perturbed inputs: it takes no objective (``produces = None``; the module refuses any but the default one).
 
     Cost per batch: m full forward/backward passes (with g's weight gradients), m·n layer-one forward + input-VJP
     passes and m layer-one forward/backward passes for its weight gradient; PGD-m costs m forward + input-gradient
@@ -67,7 +72,8 @@ class YOPO(InnerMaximizer):
         sigma: inner step size σ (CIFAR 2/255; MNIST 0.01).
     """
 
-    manual_optimization = True
+    step_strategy = YOPOStep
+    produces = None
     budget_keys = ("eps", "sigma")
 
     def __init__(
@@ -87,9 +93,6 @@ class YOPO(InnerMaximizer):
         self.m = int(m)
         self.n = int(n)
         self.sigma = float(sigma)
-
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, index: Tensor | None = None) -> Perturbation:
-        raise RuntimeError("YOPO computes its own gradients: use it through AdversarialTraining (manual optimisation).")
 
     def training_step(
         self, model: nn.Module, inputs: Tensor, labels: Tensor, backward: Callable[[Tensor], None]

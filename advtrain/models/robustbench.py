@@ -54,6 +54,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from advtrain.errors import UserError
+from advtrain.safe_load import read_checkpoint
 from advtrain.threat.norms import Norm
 
 __all__ = [
@@ -468,8 +469,6 @@ def load_robustbench(
 
 
 def _load_entry(entry: RobustBenchEntry, path: str | Path, *, trust: bool = False) -> nn.Module:
-    from advtrain.training.checkpoint import read_checkpoint
-
     checkpoint = read_checkpoint(path, trust=trust)
     model = _build(entry)
     state = _strip(_strip(_unwrap(checkpoint, entry.name), "module."), "model.")

@@ -87,6 +87,12 @@ class GradAlignLoss(Objective):
         self.eps = None if eps is None else checked_budget(eps)
         self.base = base if base is not None else AdversarialCE()
 
+    @property
+    def reads(self) -> tuple[type[Perturbation], ...]:  # type: ignore[override]
+        """The perturbation types of the base objective: the regulariser reads only the budgets (``eps``), which every
+        perturbation carries."""
+        return self.base.reads
+
     def regularizer(self, model: nn.Module, inputs: Tensor, labels: Tensor, eps: Tensor) -> Tensor:
         """λ·(1 − mean cos): the GradAlign term alone, for a (B,) budget ``eps``. Draws η₂ with one
         ``torch.rand_like(inputs)`` from the global generator."""

@@ -6,13 +6,14 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -22,11 +23,13 @@ from advtrain.engine.checks import check_inputs, check_labels, check_model_input
 from advtrain.engine.modes import attack_context
 from advtrain.errors import InvalidConfigError
 from advtrain.maximizers.base import InnerMaximizer, Standard
-from advtrain.models import create_model, list_models
-from advtrain.models.robustbench import describe_key_mismatch
+from advtrain.maximizers.steps import StepOutput, TrainingStep
+from advtrain.models import list_models
+from advtrain.models.build import build_model, load_classifier_weights
 from advtrain.training.awp import AWP, PerturbedWeights
 from advtrain.training.divergence import DivergenceWatch, check_every_option
-from advtrain.training.objectives import AdversarialCE, Objective, ObjectiveOutput
+from advtrain.training.objectives import AdversarialCE, Objective
+from advtrain.training.pairing import check_pairing
 from advtrain.training.schedules import BudgetSchedule, total_steps_context
 
 log = logging.getLogger(__name__)
@@ -49,10 +52,14 @@ ModelName = Literal[tuple(list_models())]  # type: ignore[valid-type]
 class AdversarialTraining(pl.LightningModule):
     """Adversarial training of a registered classifier.
 
-    Each training step asks the inner maximizer for a perturbation of the batch (in attack mode, parameters
-    frozen), then minimises the outer objective with the model in train mode. Validation logs clean accuracy
-    and, when ``val_attack`` is set, robust accuracy under it, re-checked with a fresh forward pass on the
-    returned adversarial inputs.
+    Each training step is delegated to the step strategy the maximizer declares
+    (:attr:`~advtrain.maximizers.InnerMaximizer.step_strategy`; the module names no maximizer): by default
+    (:class:`~advtrain.maximizers.AdversarialStep`) the inner maximizer perturbs the batch (in attack mode, parameters
+    frozen), then the outer objective is minimised with the model in train mode under Lightning's automatic
+    optimisation; a maximizer that is a whole training step (YOPO, Free AT) brings a strategy in manual optimisation.
+    The maximizer and the objective must pair (:func:`~advtrain.training.pairing.check_pairing`): a wrong pair stops at
+    construction. Validation logs clean accuracy and, when ``val_attack`` is set, robust accuracy under it,
+    re-checked with a fresh forward pass on the returned adversarial inputs.
 
     A training step never makes the host wait for the device (PGD, Fast AT, TRADES, bilateral; MMA, DDN and TR-L∞
     keep the syncs of their algorithms, YOPO none of its own): the batch is validated on the host before it is moved
@@ -124,30 +131,23 @@ class AdversarialTraining(pl.LightningModule):
         # checkpoints can hold without pickling code; objects passed from Python are left out of the hparams.
         from_config = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=[] if from_config else list(_COMPONENT_ARGS))
-        self.model = _build_model(arch, arch_kwargs or {}, num_classes, image_shape, mean, std)
+        self.model = build_model(arch, arch_kwargs or {}, num_classes, image_shape, mean, std)
         if init_weights is not None:
-            _load_classifier_weights(self.model, init_weights)
+            load_classifier_weights(self.model, init_weights)
         self.num_classes = num_classes
         self.maximizer = maximizer if maximizer is not None else Standard()
-        # Maximizers that build the weight gradients themselves (YOPO) need manual optimisation.
-        self.automatic_optimization = not self.maximizer.manual_optimization
+        check_pairing(self.maximizer, objective)
         self.objective = objective if objective is not None else AdversarialCE()
-        if weight_perturbation is not None and self.maximizer.manual_optimization:
-            raise InvalidConfigError(
-                f"model.weight_perturbation: AWP perturbs the weights around the optimizer step Lightning takes; "
-                f"{type(self.maximizer).__name__} takes its own optimizer steps. Use AWP with an automatic-optimisation"
-                " maximizer (PGD, FastFGSM, TRADES, ...) or set weight_perturbation: null."
-            )
+        self.step_strategy: TrainingStep = self.maximizer.step_strategy()
+        self.step_strategy.check(self.maximizer)
+        self.automatic_optimization = self.step_strategy.automatic_optimization
+        _check_weight_perturbation(weight_perturbation, self.step_strategy, self.maximizer)
         self.weight_perturbation = weight_perturbation
         self._perturbed: PerturbedWeights | None = None  # the current step's weight perturbation, until its removal
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         _try_scheduler(lr_scheduler)
-        if getattr(val_attack, "targeted", False):
-            raise InvalidConfigError(
-                "model.val_attack: a targeted attack (targeted=True) would take the true labels as its targets "
-                "(already reached: nothing is attacked); use targeted=False."
-            )
+        _check_val_attack(val_attack)
         self.val_attack = val_attack
         self.image_shape = tuple(image_shape)
         self.budget_schedule = budget_schedule
@@ -160,7 +160,7 @@ class AdversarialTraining(pl.LightningModule):
         self._checked_outputs = False  # the first training batch's logits are checked for probabilities
         self._host_checked = False  # on_before_batch_transfer checked the batch now being moved to the device
         self._checked_inputs: weakref.ref | None = None  # the device-side inputs of that batch
-        self._batch_idx = 0  # of the current training step, for the divergence record of its gradients
+        self._where = dict(epoch=0, batch=0, step=0)  # the current training step, for the divergence record
 
         # The labels are checked with the batch (on the host): the metrics' own argument checks would read them back
         # from the device every step. The training loss's NaN check is off for the same reason (a NaN stops training).
@@ -210,23 +210,33 @@ class AdversarialTraining(pl.LightningModule):
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y, index = _unpack(batch)
         self._check_unless_checked_on_host(x, y)
-        where = dict(epoch=self.current_epoch, batch=batch_idx, step=self.global_step)
-        self._batch_idx = batch_idx
+        self._where = dict(epoch=self.current_epoch, batch=batch_idx, step=self.global_step)
         factor = self.budget_factor()
-        if self.automatic_optimization:
-            with self.maximizer.budget_scaled(factor):
-                pert = self.maximizer(self.model, x, y, index)
-            awp = self.weight_perturbation
-            if awp is not None and awp.active(self.current_epoch):
-                # Removed in optimizer_step, right after the step (or at once if this step raises).
-                self._perturbed = awp.perturb(self.model, lambda: self.objective(self.model, x, y, pert).loss)
-            out = self.objective(self.model, x, y, pert)
-            self._divergence.loss(out.loss, **where)
-        else:
-            out = self._manual_step(x, y, where, factor)
+        with self.maximizer.budget_scaled(factor):
+            out = self.step_strategy(self, x, y, index)
         if not self._checked_outputs:
             self._checked_outputs = True
             self._divergence.outputs(out.logits)
+        self._log_training_step(out, x, y, factor)
+        return out.loss
+
+    # ------------------------------------------------------------------------ what a step strategy calls (StepHost)
+
+    def record_loss(self, loss: Tensor) -> None:
+        """Records a loss of the current step in the device-side divergence record (read every
+        ``divergence_check_every`` steps; with 1, a non-finite loss raises here, before its optimizer step)."""
+        self._divergence.loss(loss, **self._where)
+
+    def perturb_weights(self, loss: Callable[[], Tensor]) -> None:
+        """Applies ``weight_perturbation`` (AWP) for the current step, when it is active, with ``loss()`` for its
+        ascent; :meth:`optimizer_step` removes it right after the step (or at once if the step raises)."""
+        awp = self.weight_perturbation
+        if awp is not None and awp.active(self.current_epoch):
+            self._perturbed = awp.perturb(self.model, loss)
+
+    # ------------------------------------------------------------------------ training metrics
+
+    def _log_training_step(self, out: StepOutput, x: Tensor, y: Tensor, factor: float) -> None:
         prefix = "train/adv" if out.adversarial else "train/clean"
         self.train_acc.update(out.logits.detach(), y)
         # Not in the progress bar: Lightning would convert the step value to a Python number after every batch.
@@ -237,17 +247,10 @@ class AdversarialTraining(pl.LightningModule):
         # A Python number would go to the device as a blocking copy from host memory (Lightning's torch.tensor(lr,
         # device=...)); torch.full passes it to a fill kernel instead. Same float32 value, same epoch mean.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", torch.full((), lr, device=x.device), on_step=False, on_epoch=True, sync_dist=True)
+        self._log_epoch_mean("train/lr", lr, x.device)
         if self.budget_schedule is not None and self.maximizer.budget is not None:
-            eps = factor * self.maximizer.budget
-            self.log("train/eps", torch.full((), eps, device=x.device), on_step=False, on_epoch=True, sync_dist=True)
-            self.log(
-                "train/budget_factor",
-                torch.full((), factor, device=x.device),
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-            )
+            self._log_epoch_mean("train/eps", factor * self.maximizer.budget, x.device)
+            self._log_epoch_mean("train/budget_factor", factor, x.device)
         if self.track_clean_train and out.adversarial:
             with torch.no_grad(), attack_context(self.model, "eval"):
                 clean_logits = self.model(x)
@@ -255,11 +258,11 @@ class AdversarialTraining(pl.LightningModule):
             self.train_clean_acc.update(clean_logits, y)
             self.log("train/clean_loss", self.train_clean_loss, on_step=False, on_epoch=True)
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
-        return out.loss
+
+    def _log_epoch_mean(self, name: str, value: float, device: torch.device) -> None:
+        self.log(name, torch.full((), value, device=device), on_step=False, on_epoch=True, sync_dist=True)
 
     def setup(self, stage: str) -> None:
-        from pytorch_lightning.strategies import DDPStrategy
-
         if self.weight_perturbation is not None and stage == "fit" and self.trainer.accumulate_grad_batches > 1:
             raise InvalidConfigError(
                 "model.weight_perturbation (AWP) is removed after every optimizer step and cannot span the batches of "
@@ -268,9 +271,9 @@ class AdversarialTraining(pl.LightningModule):
 
         strategy = self.trainer.strategy
         kwargs = getattr(strategy, "_ddp_kwargs", None)
-        partial = self.maximizer.manual_optimization and not self.maximizer.steps_itself  # Free AT: full passes only
+        partial = self.step_strategy.partial_backward
         if partial and isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
-            # YOPO runs several backward passes per step, some reaching only part of the weights: DDP must look for
+            # A step with several backward passes, some reaching only part of the weights (YOPO): DDP must look for
             # unused parameters or it stops at the first of them. Set here, before the strategy wraps the model.
             if not kwargs.get("find_unused_parameters"):
                 kwargs["find_unused_parameters"] = True
@@ -295,7 +298,7 @@ class AdversarialTraining(pl.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self._divergence.gradients(grads, epoch=self.current_epoch, batch=self._batch_idx, step=self.global_step)
+        self._divergence.gradients(grads, epoch=self.current_epoch, batch=self._where["batch"], step=self.global_step)
 
     def budget_factor(self) -> float:
         """The budget schedule's factor at the current global step (1.0 without a schedule): a Python float from the
@@ -307,30 +310,6 @@ class AdversarialTraining(pl.LightningModule):
         # Counted in batches: a maximizer taking several optimizer steps per batch (Free AT) moves global_step faster.
         step = self.global_step // self.maximizer.steps_per_batch
         return self.budget_schedule.factor(step, steps_per_epoch=per_epoch, budget=self.maximizer.budget)
-
-    def _manual_step(self, x: Tensor, y: Tensor, where: dict[str, int], factor: float) -> ObjectiveOutput:
-        """One optimizer step driven by a maximizer that accumulates its own gradients (YOPO), or the optimizer steps
-        of one that takes them itself (Free AT: ``step`` is called once per replay)."""
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        if self.maximizer.steps_itself:
-
-            def take_step(loss: Tensor) -> None:
-                self._divergence.loss(loss, **where)  # with divergence_check_every=1: raises before this step
-                optimizer.step()
-                optimizer.zero_grad()
-
-            with self.maximizer.budget_scaled(factor):
-                step = self.maximizer.training_step(self.model, x, y, self.manual_backward, take_step)
-        else:
-            with self.maximizer.budget_scaled(factor):
-                step = self.maximizer.training_step(self.model, x, y, self.manual_backward)
-            self._divergence.loss(step.loss, **where)  # with divergence_check_every=1 this raises before the step
-            optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
-            scheduler.step()
-        return ObjectiveOutput(step.loss, step.logits, adversarial=True)
 
     # ------------------------------------------------------------------------ reading the divergence record
 
@@ -360,10 +339,7 @@ class AdversarialTraining(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._read_divergence()
-        if not self.automatic_optimization:
-            scheduler = self.lr_schedulers()
-            if scheduler is not None and getattr(scheduler, "interval", "epoch") == "epoch":
-                scheduler.step()
+        self.step_strategy.on_train_epoch_end(self)  # manual optimisation: epoch-wise schedulers step here
 
     def _evaluate(self, batch: Sequence[Tensor], clean_acc, robust_acc, stage: str) -> None:
         x, y, _ = _unpack(batch)
@@ -448,77 +424,18 @@ def _try_scheduler(factory: LRSchedulerCallable | None) -> None:
         factory(optimizer)
 
 
-def _build_model(arch, arch_kwargs, num_classes, image_shape, mean, std):
-    """Builds the classifier, passing the linked dataset facts only to models that take them."""
-    from advtrain.models.registry import model_keywords
-
-    accepted = model_keywords(arch)
-    linked = {"num_classes": num_classes, "in_channels": image_shape[0], "input_size": image_shape[-1]}
-    if mean is not None:
-        linked["mean"] = tuple(mean)
-    if std is not None:
-        linked["std"] = tuple(std)
-    kwargs = {k: v for k, v in linked.items() if accepted is None or k in accepted}
-    kwargs.update(arch_kwargs)
-    return create_model(arch, **kwargs)
+def _check_weight_perturbation(awp: AWP | None, strategy: TrainingStep, maximizer: InnerMaximizer) -> None:
+    if awp is not None and not strategy.automatic_optimization:
+        raise InvalidConfigError(
+            f"model.weight_perturbation: AWP perturbs the weights around the optimizer step Lightning takes; "
+            f"{type(maximizer).__name__} takes its own optimizer steps ({type(strategy).__name__}). Use AWP with an "
+            "automatic-optimisation maximizer (PGD, FastFGSM, TRADES, ...) or set weight_perturbation: null."
+        )
 
 
-def _load_classifier_weights(
-    model: torch.nn.Module, path: str, what: str = "init_weights", ckpt: dict[str, Any] | None = None
-) -> None:
-    """Loads classifier weights from an advtrain checkpoint (``model.*`` keys) or a plain state dict
-    (RobustBench style: ``state_dict``/``model`` wrappers and DDP's ``module.`` prefixes are unwrapped).
-
-    A plain state dict may lack the model's ``mean``/``std`` buffers: the normalisation then stays the one the model
-    was built with (from the dataset). A state dict in RobustBench's WideResNet layout (``conv1``,
-    ``block1.layer.N``, ``convShortcut``, ``bn1``, ``fc``) loads into advtrain's ``wide_resnet`` through
-    :func:`~advtrain.models.robustbench.robustbench_wrn_state_dict`, when the renamed keys fit exactly.
-
-    ``what`` names the option that chose the model, for the message when the weights do not fit (``init_weights``,
-    or ``--arch`` for ``evaluate``); ``ckpt`` is the file's content when already read (by ``read_checkpoint``)."""
-    from advtrain.training.checkpoint import CheckpointError, read_checkpoint
-
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
-    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state, kept = _fit_known_layouts(model, state, path)
-    try:
-        model.load_state_dict(state, strict=not kept)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{what}: the weights in {path} do not fit the {type(model).__name__} model it names "
-            f"({describe_key_mismatch(model.state_dict(), state, {'mean', 'std'})}): pass the architecture they were "
-            f"trained with ({str(err).splitlines()[0]})"
-        ) from None
-    if kept:
-        log.info("%s: the weights in %s hold no %s; the model keeps the normalisation of its dataset.", what, path,
-                 "/".join(kept))  # fmt: skip
-
-
-def _fit_known_layouts(model: torch.nn.Module, state: dict[str, Any], path: str) -> tuple[dict[str, Any], list[str]]:
-    """``state`` as it fits ``model``, and the normalisation buffers (``mean``/``std``) it lacks, which keep the
-    model's own values: unchanged, or renamed from RobustBench's WideResNet layout when that makes the keys fit
-    exactly. Anything else is returned unchanged (with no buffer to keep), for the strict load to refuse."""
-    from advtrain.models import WideResNet
-    from advtrain.models.robustbench import robustbench_wrn_state_dict
-
-    expected = set(model.state_dict())
-    normalisation = expected & {"mean", "std"}  # a Classifier's own buffers, set from the dataset when built
-
-    def fit(candidate: dict[str, Any]) -> list[str] | None:
-        missing = expected - set(candidate)
-        return sorted(missing) if set(candidate) <= expected and missing <= normalisation else None
-
-    kept = fit(state)
-    if kept is not None:
-        return state, kept
-    if isinstance(model, WideResNet):
-        mapped = robustbench_wrn_state_dict(state)
-        kept = fit(mapped) if mapped is not None else None
-        if kept is not None:
-            log.info("%s: RobustBench's WideResNet layout (conv1, block*.layer.*, convShortcut, fc) mapped onto "
-                     "advtrain's wide_resnet.", path)  # fmt: skip
-            return mapped, kept
-    return state, []
+def _check_val_attack(val_attack: Attack | None) -> None:
+    if getattr(val_attack, "targeted", False):
+        raise InvalidConfigError(
+            "model.val_attack: a targeted attack (targeted=True) would take the true labels as its targets "
+            "(already reached: nothing is attacked); use targeted=False."
+        )

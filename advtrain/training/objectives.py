@@ -1,6 +1,9 @@
 """Outer objectives: the loss a training step minimises, given the maximizer's :class:`Perturbation`.
 
-Maximizer and objective are separate components so that they combine in YAML (e.g. PGD + mixed CE).
+Maximizer and objective are separate components so that they combine in YAML (e.g. PGD + mixed CE). Each objective
+declares the :class:`~advtrain.maximizers.Perturbation` types it reads (``reads``) and each maximizer the type it
+produces; the module refuses a pairing that does not fit when it is built (:mod:`advtrain.training.pairing`), so that
+no objective silently ignores what its maximizer produced or silently trains without what it needs.
 The model is in train mode when an objective runs.
 
 Label smoothing: the cross-entropy objectives (:class:`AdversarialCE`, :class:`MixedCE`, the natural term of
@@ -14,14 +17,22 @@ built on the hard label and takes no smoothing either.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advtrain.maximizers.base import Perturbation
+from advtrain.maximizers.bilateral import SoftLabelPerturbation
+from advtrain.maximizers.mma import MarginPerturbation
+from advtrain.maximizers.steps import StepOutput
 from advtrain.maximizers.trades import kl_to_clean
+
+#: The loss to minimise and the logits it was computed from (for training metrics): what an objective returns, the
+#: same record a training step reports (:class:`~advtrain.maximizers.steps.StepOutput`: ``loss``, ``logits``,
+#: ``adversarial``).
+ObjectiveOutput = StepOutput
 
 
 def checked_smoothing(label_smoothing: float) -> float:
@@ -32,23 +43,16 @@ def checked_smoothing(label_smoothing: float) -> float:
     return value
 
 
-@dataclass
-class ObjectiveOutput:
-    """The loss to minimise and the logits it was computed from (for training metrics).
+class Objective(ABC):
+    """Base class: ``objective(model, inputs, labels, perturbation) -> ObjectiveOutput``.
 
-    Attributes:
-        loss: scalar loss.
-        logits: logits on the training inputs (adversarial when there are any, else clean).
-        adversarial: whether ``logits`` are on perturbed inputs.
+    ``reads``: the :class:`~advtrain.maximizers.Perturbation` types the objective makes full use of; the module pairs
+    it only with a maximizer whose ``produces`` is one of them (exactly: a subclass carries fields this objective would
+    ignore). The default, the plain :class:`~advtrain.maximizers.Perturbation`, fits every maximizer that hands over
+    only adversarial inputs (and their budgets).
     """
 
-    loss: Tensor
-    logits: Tensor
-    adversarial: bool
-
-
-class Objective(ABC):
-    """Base class: ``objective(model, inputs, labels, perturbation) -> ObjectiveOutput``."""
+    reads: ClassVar[tuple[type[Perturbation], ...]] = (Perturbation,)
 
     @abstractmethod
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
@@ -104,16 +108,19 @@ class MixedCE(Objective):
 
 
 class SoftLabelCE(Objective):
-    """Cross-entropy against the maximizer's soft labels on the perturbed inputs only (bilateral adversarial
-    training); hard labels when the maximizer gives none."""
+    """Cross-entropy against the maximizer's soft labels (:class:`~advtrain.maximizers.SoftLabelPerturbation`) on the
+    perturbed inputs only (bilateral adversarial training); hard labels when the maximizer gives none (a plain
+    :class:`~advtrain.maximizers.Perturbation`)."""
+
+    reads = (SoftLabelPerturbation, Perturbation)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
         train_inputs = inputs if pert.adv is None else pert.adv
         logits = model(train_inputs)
-        if pert.soft_labels is None:
-            loss = F.cross_entropy(logits, labels)
-        else:
+        if isinstance(pert, SoftLabelPerturbation):
             loss = -(pert.soft_labels * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        else:
+            loss = F.cross_entropy(logits, labels)
         return ObjectiveOutput(loss, logits, adversarial=pert.adv is not None)
 
 
@@ -148,14 +155,21 @@ class MMALoss(Objective):
     """MMA's loss mix (seed 003 Alg. 2): 1/3·CE on every clean example plus 2/3·[CE(x + δ*) over the
     correct examples with ε* < d_max and CE(x) over the misclassified ones], summed and divided by the batch size.
     Misclassified examples thus weigh 1 on their clean loss, correct ones 1/3 clean + 2/3 adversarial, and correct
-    ones already beyond d_max only 1/3 clean. Needs :class:`~advtrain.maximizers.MMA`'s masks."""
+    ones already beyond d_max only 1/3 clean. Needs :class:`~advtrain.maximizers.MMA`'s masks
+    (:class:`~advtrain.maximizers.MarginPerturbation`): the module refuses any other maximizer, and a call with another
+    perturbation raises a TypeError (it never falls back to clean training)."""
+
+    reads = (MarginPerturbation,)
 
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor, pert: Perturbation) -> ObjectiveOutput:
+        if not isinstance(pert, MarginPerturbation):
+            raise TypeError(
+                f"MMALoss needs MMA's MarginPerturbation (its correct/use_adv masks), got {type(pert).__name__}: "
+                "pair it with advtrain.maximizers.MMA."
+            )
         clean_logits = model(inputs)
         clean_ce = F.cross_entropy(clean_logits, labels, reduction="none")
-        if pert.adv is None or "use_adv" not in pert.extra:
-            return ObjectiveOutput(clean_ce.mean(), clean_logits, adversarial=False)
-        use_adv, correct = pert.extra["use_adv"], pert.extra["correct"]
+        use_adv, correct = pert.use_adv, pert.correct
         margin_term = clean_ce.masked_fill(correct, 0.0).sum()
         # The adversarial term runs the model on the chosen examples only (in train mode, so BatchNorm sees their
         # statistics): a data-dependent shape, one host sync for the positions, then gathers.

@@ -34,6 +34,9 @@ import torch.distributed as dist
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from torchmetrics import Metric
 
+from advtrain.errors import UserError
+from advtrain.safe_load import read_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -264,9 +267,6 @@ def resume_wandb_run(trainer: pl.Trainer, ckpt_path: str) -> str | None:
     (``resume="allow"``, Lightning's default), so that a resumed run continues its W&B run instead of forking a new
     one. Returns the id."""
     from pytorch_lightning.loggers import WandbLogger
-
-    from advtrain.errors import UserError
-    from advtrain.training.checkpoint import read_checkpoint
 
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
     path = Path(ckpt_path)
