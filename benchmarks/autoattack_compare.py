@@ -10,6 +10,10 @@ on the embedded MNIST digits, L∞ ε = 0.3):
   loop, budget ramp over 4 epochs), trained for 20 epochs: long enough that its gradients mask (Square breaks points
   that every gradient attack misses).
 * ``trades``: the quickstart recipe with ``configs/maximizer/trades_mnist.yaml`` (TRADES, β = 6).
+* ``plain-pgd-noramp``: the same plain PGD-AT loop at ε = 0.3 from the first step (no budget ramp), 5 epochs: its
+  gradients mask at this point of training (Square breaks digits that APGD-CE misses; by 10 epochs they no longer do).
+* ``fast``: the quickstart recipe with ``configs/maximizer/fast_mnist.yaml`` (FGSM with random init), 10 epochs:
+  catastrophic overfitting, the black box beats every gradient attack.
 
 For each model, on the first ``--samples`` test digits: the official ``AutoAttack(version="standard")``
 (APGD-CE, APGD-T, FAB-T, Square-5000, each on the points still robust) and advtrain's ``autoattack`` suite (the same
@@ -44,11 +48,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import CACHE, write_table  # noqa: E402
 
 EPS = 0.3
-MODELS = ("standard", "pgd", "plain-pgd", "trades")
+MODELS = ("standard", "pgd", "plain-pgd", "trades", "plain-pgd-noramp", "fast")
 FOLDER = CACHE / "autoattack_compare"
 # name -> (configs/maximizer fragment or None for the quickstart's PGD-10, epochs)
-RECIPES = {"standard": ("standard.yaml", 3), "pgd": (None, 10), "trades": ("trades_mnist.yaml", 10)}
-PLAIN_EPOCHS = 20
+RECIPES = {"standard": ("standard.yaml", 3), "pgd": (None, 10), "trades": ("trades_mnist.yaml", 10),
+           "fast": ("fast_mnist.yaml", 10)}  # fmt: skip
+# plain-loop models -> (epochs, epochs of the budget ramp; 0 = none)
+PLAIN = {"plain-pgd": (20, 4), "plain-pgd-noramp": (5, 0)}
 
 
 def _small_cnn() -> nn.Module:
@@ -74,20 +80,21 @@ def _train_cli(name: str) -> dict:
     return module.model.state_dict()
 
 
-def _train_plain() -> nn.Module:
+def _train_plain(name: str) -> nn.Module:
     from train_quality import data, train_plain
 
     train_x, train_y, _, _ = data(1)
-    return train_plain(0, PLAIN_EPOCHS, "torch", 4, train_x, train_y)
+    epochs, ramp = PLAIN[name]
+    return train_plain(0, epochs, "torch", ramp, train_x, train_y)
 
 
 def load(name: str) -> nn.Module:
     """The cached model ``name``, trained first when missing."""
     FOLDER.mkdir(parents=True, exist_ok=True)
     path = FOLDER / f"{name}.pt"
-    if name == "plain-pgd":
+    if name in PLAIN:
         if not path.is_file():
-            torch.save(_train_plain().state_dict(), path)
+            torch.save(_train_plain(name).state_dict(), path)
         from train_quality import plain_cnn
 
         net = plain_cnn()
