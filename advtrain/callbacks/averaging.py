@@ -99,6 +99,18 @@ class EMA(WeightAveraging):
         return min(self.decay, (1.0 + s) / (10.0 + s))
 
     @override
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's WeightAveraging builds the average as a deep copy of the whole LightningModule, the Trainer it
+        # is attached to included. Under DDP, rank 0's Trainer holds the launcher's worker processes
+        # (subprocess.Popen, with a thread lock) and the copy fails; and the average needs no Trainer anyway. So the
+        # module is detached (through the public ``trainer`` setter) for the copy and attached again after it.
+        pl_module.trainer = None
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            pl_module.trainer = trainer
+
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
 

@@ -91,13 +91,27 @@ class AWP:
         return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
 
     def offsets(self, params: list[nn.Parameter], loss: Tensor) -> list[Tensor]:
-        """v_l = γ‖w_l‖ g_l/(‖g_l‖ + 1e-20) for the gradient g of ``loss`` (ascent direction)."""
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out = []
-        for p, g in zip(params, grads, strict=True):
-            g = torch.zeros_like(p) if g is None else g.detach()
-            out.append(g * (self.gamma * p.detach().norm() / (g.norm() + self.EPS)))
-        return out
+        """v_l = γ‖w_l‖ g_l/(‖g_l‖ + 1e-20) for the gradient g of ``loss`` (ascent direction).
+
+        Under DDP the gradient is averaged over the ranks first (one all-reduce), as DDP averages the step's own
+        gradients: so every rank perturbs by the same v, the one the whole global batch gives (the official code runs
+        one process over the whole batch), and the ranks stay in lockstep."""
+        grads = [
+            torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True)
+        ]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                flat = torch.cat([g.flatten() for g in grads])
+                torch.distributed.all_reduce(flat)
+                flat /= world
+                grads = [
+                    chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+                ]
+        return [
+            g * (self.gamma * p.detach().norm() / (g.norm() + self.EPS)) for p, g in zip(params, grads, strict=True)
+        ]
 
     def perturb(self, model: nn.Module, loss_fn: Callable[[], Tensor]) -> PerturbedWeights:
         """Takes the ascent step: ``loss_fn()`` (the objective's loss at the current weights) is evaluated with the
