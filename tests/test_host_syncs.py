@@ -119,7 +119,7 @@ BUDGETS = {
     # DDN-K on CPU: the zero-gradient test every iteration (on an accelerator the noise is drawn every step instead,
     # see test_ddn_on_an_accelerator_makes_no_host_sync).
     "ddn": (lambda: (DDN(eps=2.0, steps=K), None), False, {
-        "__bool__ advtrain/attacks/ddn.py (body)": K,
+        "__bool__ advtrain/attacks/ddn.py (advance)": K,
     }),
     # TR-L∞: the clean decision's active set, then one count per iteration (adaptive radius, per-sample stopping)
     # and, when samples finish, the boolean masks that shrink the active set (index + 9 state tensors).
