@@ -161,7 +161,7 @@ class _ShapeRecorder(torch.nn.Module):
 
 
 # Attacks not yet moved onto the loop contract's typed state: their masked mode still shrinks.
-MASKED_PENDING = {"anpgd", "apgd", "fab", "square", "tr", "transfer"}
+MASKED_PENDING = {"anpgd", "apgd", "fab", "square", "transfer"}
 
 
 @pytest.mark.parametrize("name", ATTACKS)
@@ -199,7 +199,7 @@ INDEPENDENT = {
     "deepfool": {"steps": 3},
     "cw_l2": {"abort_early": False, "initial_const": 10.0},
     "strattack": {"steps": 30, "binary_search_steps": 2, "initial_const": 10.0, "refine_search_steps": 2},
-    "tr": {"steps": 30, "radius": 0.05},
+    "tr": {"steps": 10, "radius": 0.05},
 }
 
 

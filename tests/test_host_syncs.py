@@ -122,10 +122,11 @@ BUDGETS = {
         "__bool__ advtrain/attacks/ddn.py (advance)": K,
     }),
     # TR-L∞: the clean decision's active set, then one count per iteration (adaptive radius, per-sample stopping)
-    # and, when samples finish, the boolean masks that shrink the active set (index + 9 state tensors).
+    # and, when samples finish, the boolean masks that shrink the active set (index + 9 state tensors: x, y, target,
+    # δ, radius, φ, ∇φ, the previous φ and the predicted change).
     "trlinf": (lambda: (TRLinf(eps=0.3, steps=K), None), True, {
         "nonzero advtrain/attacks/trust_region.py (run)": 1,
-        _RETIRE: K, _KEEP[0]: K, _KEEP[1]: 9 * K,
+        _STATE_RETIRE: K, _STATE_KEEP: 10 * K,
     }),
     # MMA: the margin buffer's size, the correct examples, the adversarially trained ones (MMALoss); then AN-PGD:
     # its correct examples, its inner PGD (ε validation of its own, the
