@@ -204,7 +204,7 @@ class DDN(Attack):
             return None  # nobody retires
 
         def advance(k: int, s: _DDNState) -> None:
-            grad = s.grad
+            grad, s.grad = s.grad, None
             grad_norm = measure(grad)
             zero = grad_norm < _TINY
             # A flat loss gets a random direction. On an accelerator the noise is drawn every step, so that the loop

@@ -456,13 +456,14 @@ class StrAttack(Attack):
             w = torch.minimum(torch.maximum(z - w_dual, s.lower), s.upper)
             y_sum = groups.merge(s.y_blocks + v)
             z_new = (eta_k * z + rho * (delta + u + w + w_dual + y_sum) - s.grad) / (eta_k + denom_groups)
+            s.grad = None  # freed before the new iterate is allocated
             if dense:
                 z_new = torch.minimum(torch.maximum(z_new, s.lower), s.upper)
             s.z_blocks = groups.split(z_new)
             s.u = u + delta - z_new
             s.dual_w = w_dual + w - z_new
             s.v = v + s.y_blocks - s.z_blocks
-            s.z = z_new
+            s.z, s.y_blocks = z_new, None
 
         return evaluate, advance
 
@@ -495,7 +496,7 @@ class StrAttack(Attack):
         def advance(k: int, s: _RefineState) -> None:
             eta_k = self._eta(k + 1)
             z = s.support * (eta_k * s.z + rho * (s.delta + s.u) - s.grad) / (eta_k + rho)
-            s.u, s.z = s.u + s.delta - z, z
+            s.u, s.z, s.grad = s.u + s.delta - z, z, None
 
         for _ in range(self.refine_search_steps):
             best = (tracker.best_adv[state.index] - state.x).to(x.dtype)
