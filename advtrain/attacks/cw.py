@@ -213,6 +213,7 @@ class CarliniWagnerL2(Attack):
 
         def advance(i: int, s: _CWState) -> None:
             s.modifier, s.m, s.v = adam(s.modifier, s.grad, s.m, s.v, adam_scalars[i])
+            s.grad = None
 
         return evaluate, advance
 
