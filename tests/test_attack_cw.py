@@ -231,3 +231,20 @@ def test_matches_adv_lib_on_reference_model():
     with torch.no_grad():
         keep = model(x).argmax(1) == y
     _adv_lib_check(model, x[keep][:32], y[keep][:32], binary_search_steps=4, steps=25, step_size=0.1, initial_const=1.0)
+
+
+def test_constant_search_grows_until_a_success_then_bisects():
+    """The one search on c of C&W and StrAttack: ×growth while every run fails, then the midpoint of the bracket
+    between the largest failing and the smallest succeeding c; an upper end at or above no_upper / 10 counts as
+    unknown (C&W's reference code), so a success there keeps c."""
+    from advtrain.engine.search import ConstantSearch
+
+    search = ConstantSearch(torch.tensor([1.0, 1.0, 2e9]), growth=10.0, no_upper=1e10)
+    search.update(torch.tensor([False, True, True]))
+    assert search.const.tolist() == [10.0, 0.5, 2e9]  # grows; bisects [0, 1]; success beyond 1e9 keeps c
+    search.update(torch.tensor([True, False]), index=torch.tensor([0, 1]))
+    assert search.const[:2].tolist() == [5.5, 0.75]  # [1, 10] and [0.5, 1]
+    assert search.smallest_success()[:2].tolist() == [10.0, 1.0]
+    plain = ConstantSearch(torch.tensor([0.5]), growth=5.0)
+    plain.update(torch.tensor([False]))
+    assert plain.const.tolist() == [2.5] and plain.smallest_success().tolist() == [2.5]

@@ -119,13 +119,14 @@ BUDGETS = {
     # DDN-K on CPU: the zero-gradient test every iteration (on an accelerator the noise is drawn every step instead,
     # see test_ddn_on_an_accelerator_makes_no_host_sync).
     "ddn": (lambda: (DDN(eps=2.0, steps=K), None), False, {
-        "__bool__ advtrain/attacks/ddn.py (body)": K,
+        "__bool__ advtrain/attacks/ddn.py (advance)": K,
     }),
     # TR-L∞: the clean decision's active set, then one count per iteration (adaptive radius, per-sample stopping)
-    # and, when samples finish, the boolean masks that shrink the active set (index + 9 state tensors).
+    # and, when samples finish, the boolean masks that shrink the active set (index + 9 state tensors: x, y, target,
+    # δ, radius, φ, ∇φ, the previous φ and the predicted change).
     "trlinf": (lambda: (TRLinf(eps=0.3, steps=K), None), True, {
         "nonzero advtrain/attacks/trust_region.py (run)": 1,
-        _RETIRE: K, _KEEP[0]: K, _KEEP[1]: 9 * K,
+        _STATE_RETIRE: K, _STATE_KEEP: 10 * K,
     }),
     # MMA: the margin buffer's size, the correct examples, the adversarially trained ones (MMALoss); then AN-PGD:
     # its correct examples, its inner PGD (ε validation of its own, the

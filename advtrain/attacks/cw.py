@@ -8,16 +8,18 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet
+from advtrain.engine.core import AttackCore
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
+from advtrain.engine.search import ConstantSearch
+from advtrain.engine.state import SampleState, shared
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 
@@ -33,6 +35,34 @@ def _adam_step(modifier: Tensor, grad: Tensor, m: Tensor, v: Tensor, scalars: Te
     m = torch.lerp(grad, m, _BETA1)  # β1·m + (1 − β1)·g
     v = torch.lerp(grad * grad, v, _BETA2)  # β2·v + (1 − β2)·g²
     return modifier - scalars[0] * (m / v.sqrt().add_(scalars[1])), m, v
+
+
+@dataclass(eq=False)
+class _CWState(SampleState):
+    w: Tensor  # arctanh((2x − 1)·0.999999): x' = (tanh(w + modifier) + 1) / 2
+    x: Tensor
+    y: Tensor
+    c: Tensor
+    modifier: Tensor
+    m: Tensor  # Adam's moments
+    v: Tensor
+    grad: Tensor | None = None
+    found: Tensor = shared()  # (B,) success during this search step, the search on c's verdict
+    stall: Tensor = shared()  # the loss summed over the search step at the last abort check
+
+
+class _TanhPoint:
+    """x' = (tanh(w + modifier) + 1) / 2 for the rows of a :class:`_CWState`; keeps the last point and its squared L2
+    distance to x (the loss's distance term, on the graph)."""
+
+    def __init__(self, s: _CWState) -> None:
+        self.s = s
+
+    def __call__(self, modifier: Tensor) -> Tensor:
+        adv = (torch.tanh(self.s.w + modifier) + 1.0) * 0.5
+        self.l2_sq = (adv - self.s.x).flatten(1).square().sum(1)  # (a norm's backward costs a masked fill)
+        self.adv = adv.detach()
+        return adv
 
 
 @register_attack(AttackSpec("cw_l2", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
@@ -81,7 +111,8 @@ class CarliniWagnerL2(Attack):
         abort_early: end a search step when its loss stalls (see above).
         eps: optional L2 budget; when set, success means a point with norm ≤ ε, and a sample stops (across search
             steps) as soon as one is found. A per-call ``eps`` (scalar or (B,)) overrides it.
-        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`; the
+            attack is deterministic, the seed is unused).
 
     Example:
         >>> # Rony et al.'s 4×25 budget, with the step size and c0 that suit it on MNIST:
@@ -102,12 +133,9 @@ class CarliniWagnerL2(Attack):
         initial_const: float = 1e-3,
         abort_early: bool = True,
         eps: float | None = None,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or binary_search_steps < 1:
             raise ValueError(f"steps and binary_search_steps must be >= 1, got {steps} and {binary_search_steps}.")
         if step_size <= 0 or initial_const <= 0:
@@ -126,10 +154,35 @@ class CarliniWagnerL2(Attack):
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
         core = self.core(model, inputs, labels)
-        batch, device = core.batch, core.device
+        batch, device, x32 = core.batch, core.device, core.x32
         budget_t = self.budget(eps, inputs)
-        x32 = core.x32
         w0 = torch.atanh((2.0 * x32 - 1.0) * _TANH_SHRINK)
+        search = ConstantSearch(torch.full((batch,), self.initial_const, device=device), growth=10.0,
+                                no_upper=_NO_UPPER)  # fmt: skip
+        tracker = MinimalNormTracker(core.x)
+        evaluate, advance = self._iteration(core, tracker, budget_t)
+        searching = torch.arange(batch, device=device)  # samples still in the search (all, unless budgeted)
+        for search_step in range(self.binary_search_steps):
+            if self.binary_search_steps >= 10 and search_step == self.binary_search_steps - 1:
+                search.const = search.upper.clone()
+            if searching.numel() == 0:
+                break
+            zeros = torch.zeros_like(x32[searching])
+            state = core.start(
+                _CWState, searching, w=w0[searching], x=x32[searching], y=core.y[searching],
+                c=search.const[searching], modifier=zeros, m=zeros.clone(), v=zeros.clone(),
+                found=torch.zeros(batch, dtype=torch.bool, device=device), stall=torch.tensor(math.inf, device=device),
+            )  # fmt: skip
+            core.loop(state, self.steps, evaluate, advance)
+            # The search on c follows the decision alone (a success beyond the budget must lower c).
+            search.update(state.found[searching], searching)
+            if budget_t is not None:
+                searching = searching[~tracker.success[searching]]
+        return core.result(tracker.best_adv, tracker.success.clone(), geometry_for("l2").measure)
+
+    def _iteration(self, core: AttackCore, tracker: MinimalNormTracker, budget_t: Tensor | None):
+        """The two halves of an Adam iteration on the loop contract: ``evaluate`` (the loss, its gradient, the
+        decision, the tracking, the early abort) and ``advance`` (the Adam step)."""
         # Untargeted: f = max(z_y − max_{j≠y} z_j + κ, 0) = max(−margin + κ, 0); targeted: max(margin + κ, 0).
         sign = 1.0 if self.targeted else -1.0
         kappa = self.confidence
@@ -139,66 +192,30 @@ class CarliniWagnerL2(Attack):
         root_bc2 = [math.sqrt(1 - _BETA2 ** (i + 1)) for i in range(self.steps)]
         adam_scalars = torch.tensor(
             [[self.step_size * r / (1 - _BETA1 ** (i + 1)), _ADAM_EPS * r] for i, r in enumerate(root_bc2)],
-            device=device,
+            device=core.device,
         )
 
-        const = torch.full((batch,), self.initial_const, device=device)
-        lower = torch.zeros(batch, device=device)
-        upper = torch.full((batch,), _NO_UPPER, device=device)
-        tracker = MinimalNormTracker(core.x)
-        searching = torch.arange(batch, device=device)  # samples still in the search (all, unless budgeted)
-
-        def body(i: int, s: ActiveSet) -> Tensor | None:
-            def loss_of(logits: Tensor) -> Tensor:
-                return s["l2_sq"] + s["c"] * (sign * margin_loss(logits, s["y"]) + kappa).clamp_min(0.0)
-
-            def points(modifier: Tensor) -> Tensor:
-                adv = (torch.tanh(s["w"] + modifier) + 1.0) * 0.5
-                s["l2_sq"] = (adv - s["x"]).flatten(1).square().sum(1)  # (a norm's backward costs a masked fill)
-                s["adv"] = adv.detach()
-                return adv
-
-            logits, loss, grad, _ = core.value_and_grad(s["modifier"], points, loss_of)
-            l2 = s.pop("l2_sq").detach().sqrt()
-            decided = self._decided(logits, s["y"], sign, kappa)
-            # The search on c follows the decision alone (a success beyond the budget must lower c).
-            found[s.index] |= decided
+        def evaluate(i: int, s: _CWState) -> Tensor | None:
+            point = _TanhPoint(s)
+            objective = lambda z: point.l2_sq + s.c * (sign * margin_loss(z, s.y) + kappa).clamp_min(0.0)  # noqa: E731
+            logits, loss, s.grad, _ = core.value_and_grad(s.modifier, point, objective)
+            l2 = point.l2_sq.detach().sqrt()
+            decided = self._decided(logits, s.y, sign, kappa)
+            s.write(s.found, s.found[s.index] | decided)
             success = decided if budget_t is None else decided & (l2 <= budget_t[s.index])
-            tracker.update(s.index, s.pop("adv"), l2, success)
-            s["modifier"], s["m"], s["v"] = adam(s["modifier"], grad, s["m"], s["v"], adam_scalars[i])
+            tracker.offer(s, point.adv, l2, success)
             if self.abort_early and i % check_every == 0:
-                total = loss.sum()
-                if bool(total > stall[0] * 0.9999):  # the reference rule, on the whole search step
+                total = (loss[s.active] if s.masked else loss).sum()
+                if bool(total > s.stall * 0.9999):  # the reference rule, on the whole search step
                     return torch.ones_like(decided)
-                stall[0] = total
+                s.stall = total
             return None if budget_t is None else tracker.success[s.index]
 
-        for search_step in range(self.binary_search_steps):
-            if self.binary_search_steps >= 10 and search_step == self.binary_search_steps - 1:
-                const = upper.clone()
-            if searching.numel() == 0:
-                break
-            found = torch.zeros(batch, dtype=torch.bool, device=device)  # success during this search step
-            stall = [torch.tensor(math.inf, device=device)]  # summed loss at the last abort check
-            zeros = torch.zeros_like(x32[searching])
-            active = ActiveSet(
-                searching, w=w0[searching], x=x32[searching], y=core.y[searching], c=const[searching],
-                modifier=zeros, m=zeros.clone(), v=zeros.clone(),
-            )  # fmt: skip
-            core.loop(active, self.steps, body)
+        def advance(i: int, s: _CWState) -> None:
+            s.modifier, s.m, s.v = adam(s.modifier, s.grad, s.m, s.v, adam_scalars[i])
+            s.grad = None
 
-            # Binary search on c for the samples of this search step.
-            idx = searching
-            ok, c = found[idx], const[idx]
-            up = torch.where(ok, torch.minimum(upper[idx], c), upper[idx])
-            low = torch.where(ok, lower[idx], torch.maximum(lower[idx], c))
-            bounded = up < _NO_UPPER / 10
-            upper[idx], lower[idx] = up, low
-            const[idx] = torch.where(bounded, (low + up) / 2, torch.where(ok, c, c * 10))
-            if budget_t is not None:
-                searching = searching[~tracker.success[searching]]
-
-        return core.result(tracker.best_adv, tracker.success.clone(), geometry_for("l2").measure)
+        return evaluate, advance
 
     @staticmethod
     def _decided(logits: Tensor, labels: Tensor, sign: float, kappa: float) -> Tensor:

@@ -8,16 +8,16 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet
 from advtrain.engine.losses import cross_entropy
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import flat_norm, view_as_batch
@@ -61,6 +61,17 @@ def _ddn_update(
     if levels > 1:
         point.mul_(levels - 1).round_().div_(levels - 1)
     return point.sub_(x), radius
+
+
+@dataclass(eq=False)
+class _DDNState(SampleState):
+    x: Tensor
+    y: Tensor
+    delta: Tensor
+    radius: Tensor  # ε_r
+    cap: Tensor  # the farthest any point of the box can be from x: the cap on the radius
+    grad: Tensor | None = None  # the objective's gradient at x + δ
+    fooled: Tensor | None = None  # whether x + δ is adversarial
 
 
 def _noise_every_step(device: torch.device) -> bool:
@@ -122,7 +133,8 @@ class DDN(Attack):
             quantisation.
         eps: optional ε-ball variant, see above (a per-call ``eps``, scalar or (B,), overrides it).
         targeted: ``labels`` are targets to reach (the CE gradient is descended).
-        autocast, compile, mode, seed: see :class:`~advtrain.attacks.base.Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see
+            :class:`~advtrain.attacks.base.Attack`; the seed draws the random direction of a zero gradient).
 
     Example:
         >>> attack = DDN(steps=100)  # doctest: +SKIP
@@ -141,12 +153,9 @@ class DDN(Attack):
         levels: int | None = 256,
         eps: float | None = None,
         targeted: bool = False,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if not 0.0 < gamma < 1.0:
@@ -182,31 +191,33 @@ class DDN(Attack):
         gamma = torch.full((), self.gamma, device=core.device)
         alphas = cosine_step_sizes(self.steps, self.step_size, self.final_step_size, core.device).float()
         draw_always = _noise_every_step(core.device)
-        # The farthest any point of the box can be from x: the cap on the radius.
-        worst_norm = measure(torch.maximum(xf, 1.0 - xf))
         radius = torch.full((core.batch,), self.init_norm, device=core.device)
         # No early stopping (see the class docstring): every sample stays active for all the steps.
-        everyone = core.everyone(x=xf, y=core.y, delta=torch.zeros_like(xf), radius=radius, cap=worst_norm)
+        state = core.start(_DDNState, x=xf, y=core.y, delta=torch.zeros_like(xf), radius=radius,
+                           cap=measure(torch.maximum(xf, 1.0 - xf)))  # fmt: skip
 
-        def body(k: int, s: ActiveSet) -> None:
-            logits, _, grad, _ = core.value_and_grad(
-                s["delta"], lambda d: s["x"] + d, lambda z: sign * cross_entropy(z, s["y"])
-            )
-            fooled = core.fooled(logits, s.index)
-            tracker.update(None, s["x"] + s["delta"], measure(s["delta"]), fooled)  # everyone is always active
+        def evaluate(k: int, s: _DDNState) -> None:
+            objective = lambda z: sign * cross_entropy(z, s.y)  # noqa: E731
+            logits, _, s.grad, _ = core.value_and_grad(s.delta, lambda d: s.x + d, objective)
+            s.fooled = core.fooled(logits, s.index)
+            tracker.offer(s, s.x + s.delta, measure(s.delta), s.fooled, everyone=True)
+            return None  # nobody retires
+
+        def advance(k: int, s: _DDNState) -> None:
+            grad, s.grad = s.grad, None
             grad_norm = measure(grad)
             zero = grad_norm < _TINY
             # A flat loss gets a random direction. On an accelerator the noise is drawn every step, so that the loop
             # never waits for the device; on CPU, where asking costs nothing, only when some gradient is zero.
             if draw_always or bool(zero.any()):
-                noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
+                noise = s.rand(*grad.shape[1:], generator=generator, normal=True)
                 grad = torch.where(view_as_batch(zero, grad), noise, grad)
                 grad_norm = measure(grad)
-            s["delta"], s["radius"] = update(
-                s["x"], s["delta"], grad, grad_norm, fooled, s["radius"], s["cap"], alphas[k], gamma, levels
+            s.delta, s.radius = update(
+                s.x, s.delta, grad, grad_norm, s.fooled, s.radius, s.cap, alphas[k], gamma, levels
             )
 
-        core.loop(everyone, self.steps, body)
+        core.loop(state, self.steps, evaluate, advance)
         if eps_t is None:
             return core.result(tracker.best_adv, tracker.success.clone(), measure)
         return core.project_into_budget(tracker.best_adv, tracker.success, eps_t, self.geometry)

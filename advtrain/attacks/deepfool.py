@@ -7,6 +7,7 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState, shared
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import clip_to_box, view_as_batch
@@ -41,6 +43,18 @@ def _closest_boundary_step(geometry: Geometry, f_prime: Tensor, w_prime: Tensor)
     rows = torch.arange(n, device=f_prime.device)
     w_l = w_prime[rows, closest]
     return view_as_batch(distance[rows, closest] + _CROSSING, w_l) * geometry.ascent_direction(w_l)
+
+
+@dataclass(eq=False)
+class _DeepFoolState(SampleState):
+    x: Tensor  # the current iterate
+    x0: Tensor
+    y: Tensor
+    cand: Tensor | None = None  # (n, k) the candidate classes
+    logits: Tensor | None = None  # of x, with the graph of the forward pass that starts at ``leaf``
+    kept: Tensor | None = shared()  # (rows of the graph,) the samples the current iterate did not fool
+    leaf: Tensor | None = shared()  # the input of the logits' graph (the rows active when it was built)
+    standing: int = shared(0)  # the samples active when the current iterate was evaluated
 
 
 @register_attack(
@@ -87,7 +101,8 @@ class DeepFool(Attack):
         candidates: number of candidate classes (``None``: all other classes; k: the top-k by clean logit).
         eps: optional budget; when set, success means a misclassified point with norm ≤ ε (larger ones come back
             unchanged with ``success=False``). A per-call ``eps`` (scalar or (B,)) overrides it.
-        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; the seed is unused).
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`; the
+            attack is deterministic, the seed is unused).
 
     Example:
         >>> attack = DeepFool(norm="l2", steps=50)  # doctest: +SKIP
@@ -103,12 +118,9 @@ class DeepFool(Attack):
         overshoot: float = 0.02,
         candidates: int | None = None,
         eps: float | None = None,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if overshoot < 0:
@@ -128,58 +140,56 @@ class DeepFool(Attack):
         geometry = self.geometry
         scale = 1.0 + self.overshoot
         tracker = MinimalNormTracker(core.x)
-        x0 = core.x32
         boundary_step = core.step(_closest_boundary_step)
-        active = core.everyone(x=x0.clone(), x0=x0, y=core.y)  # x: the current iterate
-        logits = self._forward(core, active["x"])
-        active["cand"] = self._candidate_classes(logits.detach(), core.y)
+        state = core.start(_DeepFoolState, x=core.x32.clone(), x0=core.x32, y=core.y)
 
-        def body(step: int, s: ActiveSet) -> Tensor | None:
-            nonlocal logits
-            if logits is None:
-                logits = core.forward(s["x"]) if step == self.steps else self._forward(core, s["x"])
+        def score(s: _DeepFoolState, logits: Tensor) -> Tensor:
+            """Keeps the iterates that fool the model (within the budget); returns whether they fool it."""
             fooled = core.fooled(logits, s.index)
-            norms = geometry.measure(s["x"].detach() - s["x0"])
+            norms = geometry.measure(s.x - s.x0)
             within = fooled if budget_t is None else fooled & (norms <= budget_t[s.index])
-            tracker.update(s.index, s["x"].detach(), norms, within)
-            if step == self.steps:  # the last iterate is only scored
-                return None
-            keep = ~fooled
-            remaining = int(keep.sum())  # the one host sync of the iteration
-            if remaining == 0:
-                return fooled
-            graph_input, rows_kept = s["x"], None
-            if remaining < len(s):
-                count = s["cand"].shape[1]
-                s.keep(keep)
-                if (keep.numel() - remaining) * count > remaining:
-                    # Backpropagating k times through the rows just fooled costs more than one forward pass of
-                    # the rows still standing: rebuild the graph on those rows only.
-                    s["x"] = s["x"].detach()
-                    logits = self._forward(core, s["x"])
-                    graph_input = s["x"]
-                else:
-                    logits, rows_kept = logits[keep], keep
+            tracker.offer(s, s.x, norms, within)
+            return fooled
 
+        def evaluate(k: int, s: _DeepFoolState) -> Tensor:
+            if s.logits is None:  # the forward pass at the current iterate, its graph kept for the Jacobian
+                s.leaf, s.logits = self._forward(core, s.x)
+            if s.cand is None:  # at the clean inputs: the candidate classes, fixed afterwards
+                s.cand = self._candidate_classes(s.logits.detach(), s.y)
+            fooled = score(s, s.logits)
+            s.standing, s.kept = len(s), ~fooled
+            return fooled
+
+        def advance(k: int, s: _DeepFoolState) -> None:
+            count = s.cand.shape[1]
+            dropped = s.standing - len(s)  # samples this iterate fooled: the forward's graph still holds their rows
+            if dropped * count > len(s):
+                # Backpropagating k times through the rows just fooled costs more than one forward pass of the rows
+                # still standing: rebuild the graph on those rows only (masked: a fresh forward replaces the logits).
+                s.logits = None
+                s.leaf, s.logits = self._forward(core, s.x)
+                dropped = 0
             # Jacobian rows of f'_k = z_k − z_y for every candidate k, one backward per candidate on a shared graph.
-            f_prime = logits.gather(1, s["cand"]) - logits.gather(1, s["y"][:, None])
-            w_prime = core.jacobian(f_prime, graph_input)
-            f_prime = f_prime.detach()
-            xa = s["x"].detach()
-            if rows_kept is not None:
-                w_prime = w_prime[rows_kept]
-            s["x"] = xa + clip_to_box(xa, scale * boundary_step(geometry, f_prime, w_prime))
-            logits = None
-            return None
+            f_prime = s.logits.gather(1, s.cand) - s.logits.gather(1, s.y[:, None])
+            w_prime = core.jacobian(f_prime, s.leaf)
+            if s.leaf.shape[0] != s.index.shape[0]:  # shrinking, on the graph of the rows before retirement
+                w_prime = w_prime[s.kept]
+            elif s.masked:  # count the rows the shrinking mode backpropagates through (those just fooled too)
+                core.counter.backward(count * dropped)
+            s.x = s.x + clip_to_box(s.x, scale * boundary_step(geometry, f_prime.detach(), w_prime))
+            s.logits = s.leaf = None
 
-        core.loop(active, self.steps + 1, body)
+        core.loop(state, self.steps, evaluate, advance)
+        if len(state) > 0:  # the last iterate is only scored
+            score(state, core.forward(state.x))
         return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
 
     @staticmethod
-    def _forward(core: AttackCore, xa: Tensor) -> Tensor:
-        """Logits of the iterates ``xa``, recording the graph for the Jacobian."""
+    def _forward(core: AttackCore, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of the iterates ``x`` and the leaf their graph starts from (for the Jacobian)."""
+        leaf = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            return core.logits(xa.requires_grad_(True))
+            return leaf, core.logits(leaf)
 
     def _candidate_classes(self, logits: Tensor, labels: Tensor) -> Tensor:
         """(B, k) indices of the candidate classes: the largest clean logits other than the label's."""

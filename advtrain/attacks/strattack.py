@@ -16,6 +16,7 @@ Reference:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,9 +25,11 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.losses import is_fooled, margin_loss
 from advtrain.engine.result import AttackResult
+from advtrain.engine.search import ConstantSearch
+from advtrain.engine.state import SampleState
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import flat_norm, view_as_batch
@@ -138,6 +141,42 @@ class GroupStructure:
         return f"GroupStructure(shape={self.shape}, size={self.size}, stride={self.stride}, groups={self.num_groups})"
 
 
+@dataclass(eq=False)
+class _ADMMState(SampleState):
+    """The ADMM of Propositions 1–2 (the scaled duals u of z = δ, ``dual_w`` of z = w, v of z = y, block layout)."""
+
+    x: Tensor
+    y: Tensor
+    lower: Tensor  # the box and the ε cube on δ
+    upper: Tensor
+    c: Tensor | None = None
+    fooled: Tensor | None = None  # a scored iterate of this search step fooled the model
+    z: Tensor | None = None
+    z_blocks: Tensor | None = None
+    u: Tensor | None = None
+    dual_w: Tensor | None = None
+    v: Tensor | None = None
+    y_blocks: Tensor | None = None  # the group-sparse y iterate of the current z
+    grad: Tensor | None = None  # ∇_z c·f at the current z
+
+
+@dataclass(eq=False)
+class _RefineState(SampleState):
+    """The refined attack's ADMM (Proposition 3) under the fixed sparsity pattern ``support``."""
+
+    x: Tensor
+    y: Tensor
+    lower: Tensor
+    upper: Tensor
+    c: Tensor | None = None
+    fooled: Tensor | None = None
+    support: Tensor | None = None
+    z: Tensor | None = None
+    u: Tensor | None = None
+    delta: Tensor | None = None  # the feasible δ iterate of the current z
+    grad: Tensor | None = None  # ∇_δ c·f at δ
+
+
 @register_attack(AttackSpec("strattack", AttackKind.MINIMAL, ("l2",), targeted=True, stochastic=False, paper=_PAPER))
 class StrAttack(Attack):
     """Structured attack (StrAttack) by linearised ADMM with group sparsity (Xu et al., ICLR 2019; seed 002).
@@ -230,7 +269,8 @@ class StrAttack(Attack):
         scored: ``"sparse"`` scores the group-sparse y iterate (one extra forward per iteration); ``"dense"`` scores
             the z iterate at the forward its gradient needs (no extra pass), z being kept in the box and ε cube
             after each z-step, as adv-lib does (see "Which iterate is scored").
-        autocast, compile, mode, seed: see :class:`Attack` (the attack is deterministic; ``seed`` is unused).
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`; the
+            attack is deterministic, the seed is unused).
 
     Returns (from ``__call__``):
         An :class:`AttackResult` with L2 ``norms`` and ``extra`` holding the ``"l0"``, ``"l1"``, ``"l2"`` and
@@ -265,12 +305,9 @@ class StrAttack(Attack):
         eps: float | None = None,
         warm_start: bool = False,
         scored: Literal["sparse", "dense"] = "sparse",
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or binary_search_steps < 1:
             raise ValueError(f"steps and binary_search_steps must be >= 1, got {steps}, {binary_search_steps}.")
         if refine and (refine_steps < 1 or refine_search_steps < 1):
@@ -335,11 +372,9 @@ class StrAttack(Attack):
             fooled = fooled & (self._objective(logits, labels) <= -self.confidence)
         return fooled
 
-    def _gradient(self, core: AttackCore, s: ActiveSet, point: Tensor, const: Tensor) -> tuple[Tensor, Tensor]:
-        """∇_δ c·f(x + δ) at ``point`` for the samples of ``s``, and the logits there."""
-        logits, _, grad, _ = core.value_and_grad(
-            point, lambda d: s["x"] + d, lambda z: const * self._objective(z, s["y"])
-        )
+    def _gradient(self, core: AttackCore, s: SampleState, point: Tensor) -> tuple[Tensor, Tensor]:
+        """∇_δ c·f(x + δ) at ``point`` for the rows of ``s``, and the logits there."""
+        logits, _, grad, _ = core.value_and_grad(point, lambda d: s.x + d, lambda z: s.c * self._objective(z, s.y))
         return grad, logits
 
     # -------------------------------------------------------------------------------------------------- run
@@ -376,58 +411,61 @@ class StrAttack(Attack):
 
     def _search(self, core: AttackCore, const, lower, upper, groups, tracker) -> Tensor:
         """The binary search on c around the ADMM of Propositions 1–2; returns the smallest successful c (or the
-        last tried one for samples never fooled)."""
+        next one for samples never fooled)."""
         x = core.x
-        lo_c = torch.zeros_like(const)
-        hi_c = torch.full_like(const, math.inf)
+        search = ConstantSearch(const, growth=5.0)
+        evaluate, advance = self._admm(core, groups, tracker)
+        # Every sample stays active: the attack minimises the norm of fooled samples too.
+        state = core.start(_ADMMState, x=x, y=core.y, lower=lower, upper=upper)
+        for step in range(self.binary_search_steps):
+            if step == 0 or not self.warm_start:
+                state.z, state.u, state.dual_w = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
+                state.v = torch.zeros_like(groups.split(x))
+                state.z_blocks = groups.split(state.z)
+            state.c = search.const
+            state.fooled = torch.zeros(core.batch, dtype=torch.bool, device=x.device)
+            core.loop(state, self.steps, evaluate, advance)
+            search.update(state.fooled)
+        return search.smallest_success()
+
+    def _admm(self, core: AttackCore, groups: GroupStructure, tracker: MinimalNormTracker):
+        """The two halves of an ADMM iteration (Propositions 1–2) on the loop contract: ``evaluate`` (the y-step, the
+        gradient at z, the scored iterate and its tracking) and ``advance`` (the z-step and the dual updates)."""
         rho = self.rho
         d_scale = rho / (rho + 2.0 * self.gamma)
         threshold = self.tau / rho
         denom_groups = rho * (2.0 + groups.counts)
         dense = self.scored == "dense"
-        # Every sample stays active: the attack minimises the norm of fooled samples too.
-        st = core.everyone(x=x, y=core.y, lower=lower, upper=upper)
 
-        def body(step: int, s: ActiveSet) -> None:
-            eta_k = self._eta(step + 1)
-            z, u, w_dual, v = s["z"], s["u"], s["s"], s["v"]
-            delta = d_scale * (z - u)
-            w = torch.minimum(torch.maximum(z - w_dual, s["lower"]), s["upper"])
-            y_blocks = groups.soft_threshold(s["z_blocks"] - v, threshold)
-            grad, logits = self._gradient(core, s, z, s["c"])
+        def evaluate(k: int, s: _ADMMState) -> None:
+            s.y_blocks = groups.soft_threshold(s.z_blocks - s.v, threshold)
+            s.grad, logits = self._gradient(core, s, s.z)
             if dense:  # the point of this gradient is the scored iterate (z stays in the box and the ε cube)
-                fooled = self._fooled(logits, s["y"])
-                tracker.update(s.index, s["x"] + z, flat_norm(z, 2.0), fooled)
-                s["fooled"] = s["fooled"] | fooled
-            y_sum = groups.merge(y_blocks + v)
-            z_new = (eta_k * z + rho * (delta + u + w + w_dual + y_sum) - grad) / (eta_k + denom_groups)
-            if dense:
-                z_new = torch.minimum(torch.maximum(z_new, s["lower"]), s["upper"])
-            s["z_blocks"] = groups.split(z_new)
-            s["u"] = u + delta - z_new
-            s["s"] = w_dual + w - z_new
-            s["v"] = v + y_blocks - s["z_blocks"]
-            s["z"] = z_new
-            if dense:
-                return
-            # Score the group-sparse iterate, clipped to the box and the ε cube (zeros stay zero).
-            candidate = self._sparse_iterate(groups, y_blocks)
-            candidate = torch.minimum(torch.maximum(candidate, s["lower"]), s["upper"])
-            fooled = self._fooled(core.forward(s["x"] + candidate), s["y"])
-            tracker.update(s.index, s["x"] + candidate, flat_norm(candidate, 2.0), fooled)
-            s["fooled"] = s["fooled"] | fooled
+                point, fooled = s.z, self._fooled(logits, s.y)
+            else:  # the group-sparse iterate, clipped to the box and the ε cube (zeros stay zero)
+                point = torch.minimum(torch.maximum(self._sparse_iterate(groups, s.y_blocks), s.lower), s.upper)
+                fooled = self._fooled(core.forward(s.x + point), s.y)
+            tracker.offer(s, s.x + point, flat_norm(point, 2.0), fooled)
+            s.fooled = s.fooled | fooled
+            return None  # nobody retires
 
-        for search in range(self.binary_search_steps):
-            if search == 0 or not self.warm_start:
-                for name in ("z", "u", "s"):
-                    st[name] = torch.zeros_like(x)
-                st["v"] = torch.zeros_like(groups.split(x))
-                st["z_blocks"] = groups.split(st["z"])
-            st["c"] = const
-            st["fooled"] = torch.zeros(core.batch, dtype=torch.bool, device=x.device)
-            core.loop(st, self.steps, body)
-            const = self._next_const(const, lo_c, hi_c, st["fooled"])
-        return torch.where(torch.isfinite(hi_c), hi_c, const)
+        def advance(k: int, s: _ADMMState) -> None:
+            eta_k = self._eta(k + 1)
+            z, u, w_dual, v = s.z, s.u, s.dual_w, s.v
+            delta = d_scale * (z - u)
+            w = torch.minimum(torch.maximum(z - w_dual, s.lower), s.upper)
+            y_sum = groups.merge(s.y_blocks + v)
+            z_new = (eta_k * z + rho * (delta + u + w + w_dual + y_sum) - s.grad) / (eta_k + denom_groups)
+            s.grad = None  # freed before the new iterate is allocated
+            if dense:
+                z_new = torch.minimum(torch.maximum(z_new, s.lower), s.upper)
+            s.z_blocks = groups.split(z_new)
+            s.u = u + delta - z_new
+            s.dual_w = w_dual + w - z_new
+            s.v = v + s.y_blocks - s.z_blocks
+            s.z, s.y_blocks = z_new, None
+
+        return evaluate, advance
 
     @staticmethod
     def _sparse_iterate(groups: GroupStructure, y_blocks: Tensor) -> Tensor:
@@ -438,45 +476,37 @@ class StrAttack(Attack):
         mean = groups.merge(y_blocks) / groups.counts
         return torch.where(touched_by_zero, torch.zeros_like(mean), mean)
 
-    @staticmethod
-    def _next_const(const: Tensor, lo_c: Tensor, hi_c: Tensor, fooled: Tensor) -> Tensor:
-        """C&W-style per-sample bisection on c; ×5 while no success is known (the authors' code). Updates the
-        bracket in place and returns the next c."""
-        hi_c.copy_(torch.where(fooled, torch.minimum(hi_c, const), hi_c))
-        lo_c.copy_(torch.where(fooled, lo_c, torch.maximum(lo_c, const)))
-        return torch.where(torch.isfinite(hi_c), (lo_c + hi_c) / 2, const * 5.0)
-
     def _refine(self, core: AttackCore, const, lower, upper, tracker) -> None:
         """The refined attack under fixed sparsity (seed 002 Sec. 4.2, Proposition 3) on the samples fooled so far."""
         x = core.x
         index = tracker.success.nonzero().squeeze(1)
-        const = const[index].clone()
-        lo_c = torch.zeros_like(const)
-        hi_c = torch.full_like(const, math.inf)
+        state = core.start(_RefineState, index, x=x[index], y=core.y[index], lower=lower[index], upper=upper[index])
+        search = ConstantSearch(const[state.index], growth=5.0)
         rho = self.rho
         d_scale = rho / (rho + 2.0 * self.gamma)
-        st = ActiveSet(index, x=x[index], y=core.y[index], lower=lower[index], upper=upper[index])
 
-        def body(step: int, s: ActiveSet) -> None:
-            eta_k = self._eta(step + 1)
-            z, u, support = s["z"], s["u"], s["support"]
-            delta = torch.minimum(torch.maximum(d_scale * (z - u), s["lower"]), s["upper"]) * support
-            grad, logits = self._gradient(core, s, delta, s["c"])
-            fooled = self._fooled(logits, s["y"])
-            tracker.update(s.index, s["x"] + delta, flat_norm(delta, 2.0), fooled)
-            s["fooled"] = s["fooled"] | fooled
-            s["z"] = support * (eta_k * z + rho * (delta + u) - grad) / (eta_k + rho)
-            s["u"] = u + delta - s["z"]
+        def evaluate(k: int, s: _RefineState) -> None:
+            s.delta = torch.minimum(torch.maximum(d_scale * (s.z - s.u), s.lower), s.upper) * s.support
+            s.grad, logits = self._gradient(core, s, s.delta)
+            fooled = self._fooled(logits, s.y)
+            tracker.offer(s, s.x + s.delta, flat_norm(s.delta, 2.0), fooled)
+            s.fooled = s.fooled | fooled
+            return None  # nobody retires
+
+        def advance(k: int, s: _RefineState) -> None:
+            eta_k = self._eta(k + 1)
+            z = s.support * (eta_k * s.z + rho * (s.delta + s.u) - s.grad) / (eta_k + rho)
+            s.u, s.z, s.grad = s.u + s.delta - z, z, None
 
         for _ in range(self.refine_search_steps):
-            best = (tracker.best_adv[index] - st["x"]).to(x.dtype)
+            best = (tracker.best_adv[state.index] - state.x).to(x.dtype)
             magnitude = best.abs().flatten(1)
             nonzero = torch.where(magnitude > 0, magnitude, torch.full_like(magnitude, float("nan")))
             sigma = torch.nanquantile(nonzero.float(), self.refine_quantile, dim=1).to(x.dtype)
-            st["support"] = (best.abs() > view_as_batch(sigma, best)).to(x.dtype)
-            st["z"] = best * st["support"]
-            st["u"] = torch.zeros_like(best)
-            st["c"] = const
-            st["fooled"] = torch.zeros(index.numel(), dtype=torch.bool, device=x.device)
-            core.loop(st, self.refine_steps, body)
-            const = self._next_const(const, lo_c, hi_c, st["fooled"])
+            state.support = (best.abs() > view_as_batch(sigma, best)).to(x.dtype)
+            state.z = best * state.support
+            state.u = torch.zeros_like(best)
+            state.c = search.const
+            state.fooled = torch.zeros(state.index.shape[0], dtype=torch.bool, device=x.device)
+            core.loop(state, self.refine_steps, evaluate, advance)
+            search.update(state.fooled)

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
 from advtrain.threat.geometry import Geometry, geometry_for
 from advtrain.threat.norms import clip_to_box, flat_norm, view_as_batch
 
@@ -178,6 +179,28 @@ def _steihaug_step(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor
     return _Step(batch_view(target) * direction, batch_view(scale) * hs)
 
 
+def _lanczos(first: Tensor, hvp, dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Up to ``dim`` orthonormal Lanczos vectors started from the unit vector ``first``, and their Hessian products
+    (one HVP each); stops early once the subspace is invariant for every sample."""
+    batch_view = lambda t: view_as_batch(t, first)  # noqa: E731
+    dot = lambda a, b: (a * b).flatten(1).sum(1)  # noqa: E731
+    basis = [first]
+    products = []
+    for j in range(dim):
+        products.append(hvp(basis[j]))
+        if j + 1 == dim:
+            break
+        w = products[j]
+        for v in basis:  # full reorthogonalisation: m is small and it keeps Q orthonormal in float32
+            w = w - batch_view(dot(w, v)) * v
+        beta = flat_norm(w, 2.0)
+        grows = beta > _TINY
+        if not bool(grows.any()):  # an invariant subspace for every sample (e.g. H = 0 for ReLU networks)
+            break
+        basis.append(torch.where(batch_view(grows), w / batch_view(beta.clamp_min(_TINY)), 0.0))
+    return basis, products
+
+
 def _krylov_step(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor, hvp, dim: int) -> _Step:
     """Minimal-norm boundary crossing of the quadratic margin model inside the trust region, in a Krylov subspace.
 
@@ -209,20 +232,7 @@ def _krylov_step(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor, 
     u_norm = flat_norm(u, 2.0).clamp_min(_TINY)
     # The region in subspace coordinates: exact for L2, and for L∞ along the single direction u (‖τu‖∞ = τ).
     sub_radius = radius * u_norm / geometry.measure(u).clamp_min(_TINY)
-    basis = [u / batch_view(u_norm)]
-    products = []
-    for j in range(dim):
-        products.append(hvp(basis[j]))
-        if j + 1 == dim:
-            break
-        w = products[j]
-        for v in basis:  # full reorthogonalisation: m is small and it keeps Q orthonormal in float32
-            w = w - batch_view(dot(w, v)) * v
-        beta = flat_norm(w, 2.0)
-        grows = beta > _TINY
-        if not bool(grows.any()):  # an invariant subspace for every sample (e.g. H = 0 for ReLU networks)
-            break
-        basis.append(torch.where(batch_view(grows), w / batch_view(beta.clamp_min(_TINY)), 0.0))
+    basis, products = _lanczos(u / batch_view(u_norm), hvp, dim)
     m = len(basis)
     # The projected model: T = QᵀHQ (tridiagonal in exact arithmetic; formed in full from the products, and
     # symmetrised) and b = Qᵀg (= ‖g‖e_1 for L2).
@@ -261,6 +271,21 @@ def _krylov_step(geometry: Geometry, phi: Tensor, grad: Tensor, radius: Tensor, 
     direction = torch.where(batch_view(has_length), s / batch_view(length.clamp_min(_TINY)), u)
     factor = torch.where(has_length, target / length.clamp_min(_TINY), torch.zeros_like(length))
     return _Step(batch_view(target) * direction, batch_view(factor) * hs)
+
+
+@dataclass(eq=False)
+class _TRState(SampleState):
+    x: Tensor
+    y: Tensor
+    target: Tensor  # the class of index selection
+    delta: Tensor
+    radius: Tensor
+    phi: Tensor | None = None  # the margin at x + δ
+    grad: Tensor | None = None  # its gradient
+    prev_phi: Tensor | None = None  # the margin before the last step
+    predicted: Tensor | None = None  # the change of the margin the model predicted for the last step
+    step: Tensor | None = None  # order 2: the model's step (before box clipping)
+    hessian_step: Tensor | None = None  # order 2: H times that step
 
 
 @register_attack(AttackSpec("tr", AttackKind.MINIMAL, ("linf", "l2"), targeted=False, stochastic=False, paper=_PAPER))
@@ -341,7 +366,8 @@ class TrustRegion(Attack):
         radius_bounds: (min, max) radius for ``adaptive``; ``None`` uses the reference values of the norm.
         sigma1, sigma2, eta: the adaptive radius' thresholds σ1 > σ2 and factor η > 1.
         eps: optional ε-ball variant, see above (a per-call ``eps`` overrides it).
-        autocast, compile, mode, seed: see :class:`~advtrain.attacks.base.Attack` (the attack itself is deterministic).
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see
+            :class:`~advtrain.attacks.base.Attack`; the attack is deterministic, the seed is unused).
 
     Example:
         >>> attack = TrustRegion(norm="linf", steps=100)  # doctest: +SKIP
@@ -365,12 +391,9 @@ class TrustRegion(Attack):
         sigma2: float = 0.5,
         eta: float = 1.2,
         eps: float | None = None,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or num_classes_considered < 1 or krylov_dim < 1:
             raise ValueError(
                 f"steps, num_classes_considered and krylov_dim must be >= 1, got {steps}, {num_classes_considered}, "
@@ -409,94 +432,95 @@ class TrustRegion(Attack):
         core = self.core(model, inputs, labels)
         xf, y = core.x32, core.y
         eps_t = self.budget(eps, inputs)
-        geometry = self.geometry
-        low, high = self.radius_bounds
-        second = self.order == 2
-
         # One forward and c backward passes: the clean decision and the target class of every sample. Samples
         # misclassified from the start are fooled at norm 0 and never attacked.
         targets, clean_logits = select_targets(
-            core, geometry, num_classes_considered=self.num_classes_considered, hardest=self.target == "hardest"
+            core, self.geometry, num_classes_considered=self.num_classes_considered, hardest=self.target == "hardest"
         )
         success = core.fooled(clean_logits, torch.arange(core.batch, device=core.device))
         best = xf.clone()
         index = (~success).nonzero().squeeze(1)
-        active = ActiveSet(
-            index, x=xf[index], y=y[index], target=targets[index], delta=torch.zeros_like(xf[index]),
+        state = core.start(
+            _TRState, index, x=xf[index], y=y[index], target=targets[index], delta=torch.zeros_like(xf[index]),
             radius=torch.full((index.numel(),), self.radius, device=core.device),
         )  # fmt: skip
 
-        def record(s: ActiveSet, fooled: Tensor) -> None:
+        def record(s: _TRState, fooled: Tensor) -> None:
             """The first fooling point of each sample (it stops there)."""
-            point = (s["x"] + s["delta"]).clamp(0.0, 1.0)
-            best[s.index] = torch.where(view_as_batch(fooled, point), point, best[s.index])
-            success[s.index] = success[s.index] | fooled
+            point = (s.x + s.delta).clamp(0.0, 1.0)
+            s.write(best, torch.where(view_as_batch(fooled, point), point, best[s.index]))
+            s.write(success, success[s.index] | fooled)
 
-        def body(k: int, s: ActiveSet) -> Tensor | None:
-            logits, phi, grad, leaf = core.value_and_grad(
-                s["delta"], lambda d: s["x"] + d, lambda z: _margin(z, s["y"], s["target"]), create_graph=second
-            )
-            fooled = core.fooled(logits, s.index)
-            record(s, fooled)
-            if self.adaptive and "prev_phi" in s:
-                ratio = torch.where(
-                    s["predicted"] > _TINY, (phi - s["prev_phi"]) / s["predicted"].clamp_min(_TINY), 0.0
-                )
-                r = s["radius"]
-                r = torch.where(ratio > self.sigma1, r * self.eta, torch.where(ratio < self.sigma2, r / self.eta, r))
-                s["radius"] = r.clamp(low, high)
-            keep = ~fooled
-            full_grad = grad
-            s["phi"], s["grad"] = phi, grad.detach()
-            if s.retire(fooled) == 0:  # the one host sync per iteration
-                return None
-            step = self._step(s["phi"], s["grad"], s["radius"], full_grad, leaf, keep, core)
-            with torch.no_grad():
-                base = s["delta"]
-                new_delta = clip_to_box(s["x"], base + step.delta)
-                moved = new_delta - base
-                predicted = (s.pop("grad") * moved).flatten(1).sum(1)
-                if step.hessian_delta is not None:
-                    predicted = predicted + 0.5 * (moved * step.hessian_delta).flatten(1).sum(1)
-            s["prev_phi"], s["predicted"], s["delta"] = s.pop("phi"), predicted, new_delta
-            return None
-
-        core.loop(active, self.steps, body)
+        core.loop(state, self.steps, *self._iteration(core, record))
         # Samples still correct after the last step: one forward decides whether that step fooled them.
-        if len(active) > 0:
-            record(active, core.fooled(core.forward(active["x"] + active["delta"]), active.index))
+        if len(state) > 0:
+            record(state, core.fooled(core.forward(state.x + state.delta), state.index))
         result = (
-            core.project_into_budget(best, success, eps_t, geometry)
+            core.project_into_budget(best, success, eps_t, self.geometry)
             if eps_t is not None
-            else core.result(best, success, geometry.measure)
+            else core.result(best, success, self.geometry.measure)
         )
         # extra["last_iterate"]: every sample's last iterate (its first fooling point where it was fooled), in the box,
         # before any ε projection. advtrain.maximizers.TRLinf trains the samples left unfooled on it.
         last = best.clone()
-        if len(active) > 0:
-            last[active.index] = (active["x"] + active["delta"]).clamp(0.0, 1.0)
+        if len(state) > 0:
+            state.write(last, (state.x + state.delta).clamp(0.0, 1.0))
         result.extra["last_iterate"] = last.to(result.adv.dtype)
         return result
 
-    def _step(
-        self,
-        phi: Tensor,
-        grad: Tensor,
-        radius: Tensor,
-        full_grad: Tensor,
-        full_delta: Tensor,
-        keep: Tensor,
-        core: AttackCore,
-    ) -> _Step:
-        """The step of the samples ``keep`` selects; ``full_*`` carry the graph of the whole active batch."""
-        if self.order == 1:
-            return _Step(core.step(_first_order_delta)(self.geometry, phi, grad, radius), None)
-        product = hessian_vector_product(full_grad, full_delta, keep.nonzero().squeeze(1))
+    def _iteration(self, core: AttackCore, record: Callable[[_TRState, Tensor], None]):
+        """The two halves of a TR iteration on the loop contract: ``evaluate`` (the margin and its gradient at the
+        current iterate, the first fooling points, the adaptive radius and, for order 2, the model's step, whose
+        Hessian-vector products need this iterate's graph) and ``advance`` (the step and its predicted change)."""
+        low, high = self.radius_bounds
+        second = self.order == 2
+        first_order = core.step(_first_order_delta)
+
+        def evaluate(k: int, s: _TRState) -> Tensor:
+            margin = lambda z: _margin(z, s.y, s.target)  # noqa: E731
+            logits, phi, grad, leaf = core.value_and_grad(s.delta, lambda d: s.x + d, margin, create_graph=second)
+            fooled = core.fooled(logits, s.index)
+            record(s, fooled)
+            if self.adaptive and s.prev_phi is not None:
+                ratio = torch.where(s.predicted > _TINY, (phi - s.prev_phi) / s.predicted.clamp_min(_TINY), 0.0)
+                r = s.radius
+                r = torch.where(ratio > self.sigma1, r * self.eta, torch.where(ratio < self.sigma2, r / self.eta, r))
+                s.radius = r.clamp(low, high)
+            s.phi, s.grad = phi, grad.detach()
+            if second:
+                self._model_step(core, s, grad, leaf, ~fooled if s.active is None else s.active & ~fooled)
+            return fooled
+
+        def advance(k: int, s: _TRState) -> None:
+            if second:
+                step, hessian_step = s.step, s.hessian_step
+            else:
+                step, hessian_step = first_order(self.geometry, s.phi, s.grad, s.radius), None
+            with torch.no_grad():
+                base = s.delta
+                new_delta = clip_to_box(s.x, base + step)
+                moved = new_delta - base
+                predicted = (s.grad * moved).flatten(1).sum(1)
+                if hessian_step is not None:
+                    predicted = predicted + 0.5 * (moved * hessian_step).flatten(1).sum(1)
+            s.prev_phi, s.predicted, s.delta = s.phi, predicted, new_delta
+
+        return evaluate, advance
+
+    def _model_step(self, core: AttackCore, s: _TRState, graph_grad: Tensor, leaf: Tensor, going: Tensor) -> None:
+        """Order 2: the quadratic model's step (``s.step``, ``s.hessian_step``) of the samples ``going`` (those this
+        iterate did not fool; zeros elsewhere), from Hessian-vector products by double backward through the
+        gradient ``graph_grad`` of every row of ``s`` with respect to ``leaf``."""
+        rows = going.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        product = hessian_vector_product(graph_grad, leaf, rows)
 
         def hvp(v: Tensor) -> Tensor:
-            core.counter.backward(full_delta.shape[0])  # the double backward runs over the whole active batch
+            core.counter.backward(len(s))  # the double backward runs over every active row of the graph
             return product(v)
 
-        if self.solver == "steihaug":
-            return _steihaug_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
-        return _krylov_step(self.geometry, phi, grad, radius, hvp, self._subspace_dim)
+        solver = _steihaug_step if self.solver == "steihaug" else _krylov_step
+        step = solver(self.geometry, s.phi[rows], s.grad[rows], s.radius[rows], hvp, self._subspace_dim)
+        s.step = torch.zeros_like(s.grad).index_copy_(0, rows, step.delta)
+        s.hessian_step = torch.zeros_like(s.grad).index_copy_(0, rows, step.hessian_delta)

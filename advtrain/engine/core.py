@@ -269,12 +269,17 @@ class AttackCore:
     def project_into_budget(self, adv: Tensor, success: Tensor, eps: Tensor, geometry: Geometry) -> AttackResult:
         """The ε-ball variant of a minimal-norm attack: shrinks each found δ = adv − x into its ball (projection only
         ever shrinks) and the box, and re-checks with one forward the successful samples that moved; the others keep
-        their verdict."""
+        their verdict. In the masked mode that forward sees the whole batch (and counts the moved rows)."""
         delta = adv.float() - self.x32
         projected = (self.x32 + geometry.project(delta, eps)).clamp_(0.0, 1.0)
         success = success.clone()
         moved = (success & (geometry.measure(delta) > eps)).nonzero().squeeze(1)
-        if moved.numel() > 0:
+        if moved.numel() > 0 and self.masked:  # fixed shapes: the whole batch, counted as the moved rows
+            self.start(SampleState, moved)
+            everyone = torch.arange(self.batch, device=self.device)
+            refooled = self.fooled(self.forward(projected), everyone)
+            success[moved] = refooled[moved]
+        elif moved.numel() > 0:
             success[moved] = self.fooled(self.forward(projected[moved]), moved)
         return self.result(projected, success, geometry.measure)
 

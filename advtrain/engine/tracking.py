@@ -93,10 +93,16 @@ class MinimalNormTracker:
         self.best_norm[upd] = norms[better].detach().float()
         self.success[upd] = True
 
-    def offer(self, state: SampleState, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
-        """:meth:`update` with the candidates of every row of ``state`` (in the masked mode, of its active rows)."""
+    def offer(self, state: SampleState, adv: Tensor, norms: Tensor, fooled: Tensor, *, everyone: bool = False) -> None:
+        """:meth:`update` with the candidates of every row of ``state`` (in the masked mode, of its active rows).
+
+        ``everyone``: the caller vouches that ``state`` holds every sample of the batch, in order, and never retires
+        one (e.g. DDN, which has no early stopping); the shrinking mode then selects as the masked one does, with no
+        host sync."""
         if state.masked:
             self.update(None, adv, norms, fooled & state.active)
+        elif everyone:
+            self.update(None, adv, norms, fooled)
         else:
             self.update(state.index, adv, norms, fooled)
 
