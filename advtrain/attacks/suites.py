@@ -49,8 +49,12 @@ _MINIMAL = [
     SuiteEntry("ddn", "ddn", {"steps": 100}),
     SuiteEntry("tr", "tr", {"steps": 300}),
     SuiteEntry("strattack", "strattack", {"steps": 50, "binary_search_steps": 3}),
-    SuiteEntry("anpgd", "anpgd", {"steps": 20, "bisection_steps": 10},
-               per_norm={"linf": {"max_eps": 1.0}, "l2": {"max_eps": 10.0}}),  # fmt: skip
+    SuiteEntry(
+        "anpgd",
+        "anpgd",
+        {"steps": 20, "bisection_steps": 10},
+        per_norm={"linf": {"max_eps": 1.0}, "l2": {"max_eps": 10.0}},
+    ),
 ]
 
 # AutoAttack (Croce & Hein, ICML 2020) as its official code runs it (fra31/auto-attack, ``pyautoattack``): each attack

@@ -152,7 +152,10 @@ def _fusion_groups(attacks: Sequence[EvalAttack], order: Sequence[int]) -> list[
     return groups
 
 
-def _rows(norms: Tensor, eligible: Tensor, best: Tensor, budgeted: list[int], a: int, g: int, grid, cascade) -> Tensor:
+def _rows(
+    norms: Tensor, eligible: Tensor, best: Tensor, budgeted: list[int], a: int, g: int, grid: Sequence[float],
+    cascade: bool,
+) -> Tensor:  # fmt: skip
     """The samples the cell (attack ``a``, ε number ``g``) attacks: with the cascade, those not broken at ε_g by
     anything found so far at the cells before it in cascade order (``norms``: the verified norms found, ``best``: the
     minimal-norm attacks'; so never fewer than the cascade itself attacks there), else every eligible one."""
@@ -210,7 +213,9 @@ class _Batch:
     on_verified: OnVerified | None
 
 
-def _call(batch: _Batch, cells: Sequence[Cell], rows: Tensor, eps) -> tuple[AttackResult, float, tuple | None]:
+def _call(
+    batch: _Batch, cells: Sequence[Cell], rows: Tensor, eps: float | Tensor | None
+) -> tuple[AttackResult, float, tuple[Tensor, Tensor] | None]:
     """Calls the cells' attack on their rows: one ``call_fused`` for several cells of a fusable attack, else a plain
     call. Returns the result, its time and, for a fused call, each row's forward and backward passes."""
     lead, x, y = batch.attacks[cells[0].attack], batch.x[rows], batch.y[rows]
@@ -250,7 +255,10 @@ def _run(batch: _Batch, cells: Sequence[Cell], found: dict[str, Tensor]) -> None
     _charge(found, cells, result, seconds, per_row)
 
 
-def _charge(found: dict[str, Tensor], cells: Sequence[Cell], result: AttackResult, seconds: float, per_row) -> None:
+def _charge(
+    found: dict[str, Tensor], cells: Sequence[Cell], result: AttackResult, seconds: float,
+    per_row: tuple[Tensor, Tensor] | None,
+) -> None:  # fmt: skip
     """Adds a call's passes and time to its attacks: all of them to the attack of a call of its own; in a fused call
     each attack gets the passes its rows spent and a share of the time in proportion to its forward passes."""
     if per_row is None:
@@ -272,7 +280,10 @@ def _charge(found: dict[str, Tensor], cells: Sequence[Cell], result: AttackResul
 # The records ---------------------------------------------------------------------------------------------------------
 
 
-def _minimal_records(rec, found, minimal: list[int], eligible: Tensor, grid, cascade: bool) -> Tensor:
+def _minimal_records(
+    rec: dict[str, Tensor], found: dict[str, Tensor], minimal: list[int], eligible: Tensor, grid: Sequence[float],
+    cascade: bool,
+) -> Tensor:  # fmt: skip
     """Fills the minimal-norm attacks' records (a call's row is the same at every ε, except ``robust``) and returns
     the smallest verified adversarial norm they found per sample."""
     for f in RECORD:
@@ -287,7 +298,10 @@ def _minimal_records(rec, found, minimal: list[int], eligible: Tensor, grid, cas
     return best
 
 
-def _budgeted_records(rec, found, attacks, budgeted: list[int], eligible: Tensor, best: Tensor, grid, cascade) -> None:
+def _budgeted_records(
+    rec: dict[str, Tensor], found: dict[str, Tensor], attacks: Sequence[EvalAttack], budgeted: list[int],
+    eligible: Tensor, best: Tensor, grid: Sequence[float], cascade: bool,
+) -> None:  # fmt: skip
     """Fills the budgeted attacks' records in cascade order from what the calls found: a cell keeps only the samples
     still standing there (for the unfused cascade, exactly the ones it ran on).
 
