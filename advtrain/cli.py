@@ -30,10 +30,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from advtrain.attacks.base import Attack
 from advtrain.data.base import AdvDataModule
-from advtrain.engine.tracking import autocast_dtype
 from advtrain.errors import InvalidConfigError, UserError
+from advtrain.evaluation.entry import EvaluateOptions, evaluate_checkpoint, evaluate_docstring
 from advtrain.maximizers.base import InnerMaximizer
-from advtrain.models.build import build_model, load_classifier_weights
 from advtrain.runtime import tune_cpu_allocator
 from advtrain.threat.norms import Norm
 from advtrain.training.checkpoint import read_checkpoint, stored_hyperparameters
@@ -232,165 +231,11 @@ class AdvTrainer(pl.Trainer):
         gallery_samples: int = 4,
         averaged_weights: bool = True,
     ) -> dict[str, Any]:
-        """Evaluate a checkpoint: clean accuracy, robust accuracy per attack and per ε, the worst case over all
-        attacks, success rates, norms, pass counts and the gradient-masking checks; writes ``report.json``,
-        ``report.md``, ``accuracy_vs_eps.png`` and ``minimal_norms.png``.
+        # The docstring, from which LightningCLI takes every flag's help, is EvaluateOptions's (set below).
+        options = {k: v for k, v in locals().items() if k not in ("self", "model", "datamodule")}
+        return evaluate_checkpoint(self, model, datamodule, EvaluateOptions(**options))
 
-        Args:
-            model: receives the checkpoint's classifier weights (unless ``arch`` is given); the CLI builds it from
-                the config layered over the checkpoint's hyperparameters.
-            datamodule: provides the evaluation split.
-            ckpt_path: an advtrain ``.ckpt`` (through the CLI, architecture and threat model come from it unless
-                flags or config files say otherwise), or a plain state dict (RobustBench style, read with
-                ``weights_only=True``; ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed) for
-                the model given by ``--arch`` or the config.
-            split: ``"test"`` or ``"val"``.
-            norm: threat model: ``linf``, ``l2`` or ``l1``, any case (``Linf``, ``L2``); default: the checkpoint's
-                validation attack.
-            eps: main budget (default: the checkpoint's validation attack).
-            steps: PGD steps of the default attack (without ``--suite``/``--attacks``).
-            restarts: PGD restarts of the default attack.
-            attacks: explicit attacks instead of the default PGD.
-            max_samples: evaluate only the first samples of the split.
-            output: folder for the report (default: next to the checkpoint, ``<ckpt>-eval``).
-            trust_checkpoint: allow a checkpoint that needs code execution to load (only for trusted files).
-            progress: show a progress bar.
-            suite: ``quick`` (PGD-20), ``apgd`` (APGD-CE + APGD-DLR), ``autoattack`` (AutoAttack's standard version:
-                APGD-CE, APGD-T, FAB-T, Square-5000; ``standard`` is another name for it), ``autoattack-plus``,
-                ``autoattack-rand`` (EOT, for randomized models) or ``full`` (the whole zoo, AutoAttack included).
-            eps_grid: budgets of the accuracy-versus-ε curves (default with a suite: ε·(1/4, 1/2, 3/4, 1)).
-            overrides: per-attack hyperparameters of the suite, e.g. ``{"square": {"steps": 200}}``.
-            cascade: budgeted attacks only attack the samples still robust.
-            fuse: run each budgeted attack over the whole ε grid in one call, and APGD-CE with APGD-DLR in one
-                call: true, false or auto (on CUDA only, where a larger batch costs little more); see
-                ``advtrain.evaluation.attack_batch``.
-            max_fused_batch: the most rows of one fused call.
-            arch: registered model name for a plain state dict (default: the config's ``model.arch``).
-            arch_kwargs: its extra keyword arguments.
-            robustbench: a RobustBench model name (``Wong2020Fast``): the architecture is built by the ``robustbench``
-                package (``pip install 'advtrain[robustbench]'``) and takes the weights of ``ckpt_path``, a local
-                file (nothing is downloaded; :func:`advtrain.models.load_robustbench`). The threat model and ε
-                default to the leaderboard's (L∞ 8/255, L2 0.5, L1 12; ImageNet L∞ 4/255), the data to the model's
-                dataset, whose datamodule adds no normalisation (the model normalises inside).
-            robustbench_dataset: the model's dataset (default: from RobustBench's file layout
-                ``<model_dir>/<dataset>/<threat_model>/<name>.pt``, else ``cifar10``).
-            robustbench_threat: the model's threat model, ``Linf``, ``L2`` or ``L1`` in any case (default: from the
-                file layout, else ``--norm``, else ``Linf``).
-            batch_size: attack batch size (default: the datamodule's evaluation batch size).
-            seed: seed of the suite's stochastic attacks.
-            resume: reuse the per-batch results an interrupted run left in ``<output>/partial``.
-            plots: write the PNG plots.
-            overwrite: replace the report an earlier run left in ``output`` (without it, such a run is refused).
-            adaptive: when a gradient-masking check fires, attack the samples still robust again (more Square
-                queries and restarts, a transfer attack from a smoothed surrogate, EOT for random outputs) instead of
-                only warning; default: on for ``autoattack``/``standard`` and ``full``. The report says what fired,
-                what ran and what it changed.
-            interpretability: also score each attack's adversarial examples by the interpretability score IS(ν) from
-                the adversarial saliency map and the CAM/Grad-CAM (seed 002, §6; ``interpretability`` in the report)
-                and write galleries of examples (``gallery_attacks.png``, ``gallery_<attack>.png``).
-            is_percentiles: the percentiles ν of IS(ν) (default ``[30, 40, 50, 60, 70, 80, 90]``).
-            gallery_samples: examples per attack in the galleries.
-            averaged_weights: a checkpoint written with weight averaging (:class:`advtrain.callbacks.EMA`) holds the
-                averaged weights and the live ones: evaluate the averaged (default; the log says so) or, with
-                ``false``, the live weights of the last step.
-
-        The report scalars go to every configured logger (W&B, CSV, ...); ``--trainer.precision`` ``bf16-mixed`` or
-        ``16-mixed`` runs the attacks under autocast, and ``--trainer.enable_progress_bar false`` hides the bar.
-        """
-        import torch.distributed as dist
-
-        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            # Multi-process (--trainer.strategy ddp --trainer.devices N): Lightning's launcher starts the ranks, each
-            # attacks whole batches of the split and the records are gathered exactly (no padded duplicates).
-            from pytorch_lightning.trainer import call
-
-            kwargs = {k: v for k, v in locals().items() if k not in ("self", "dist", "call")}
-            return call._call_and_handle_interrupt(self, self._distributed_evaluate, **kwargs)
-        from advtrain.attacks import PGD
-        from advtrain.evaluation import evaluate_robustness, write_report
-        from advtrain.evaluation.report import run_metadata
-
-        configured = model
-        norm = _norm_option(norm)
-        entry = None
-        if robustbench is not None:
-            from advtrain.models.robustbench import default_eps, robustbench_for_evaluation
-
-            if arch is not None:
-                raise InvalidConfigError("evaluate: --arch and --robustbench both name the model; pass one of them.")
-            entry, model = robustbench_for_evaluation(robustbench, ckpt_path, robustbench_dataset, robustbench_threat,
-                                                      norm=norm, data=datamodule, trust=trust_checkpoint)  # fmt: skip
-            norm = norm or entry.norm
-            eps = eps if eps is not None else default_eps(entry.dataset, norm)
-        else:
-            model = _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust_checkpoint,
-                                      averaged_weights)  # fmt: skip
-        # The threat model: flags, else the checkpoint's validation attack, else the config's (plain state dicts).
-        base = (model if isinstance(model, AdversarialTraining) else configured).val_attack
-        if norm is not None and eps is None and getattr(base, "eps", None) is not None and not attacks:
-            base_norm = getattr(getattr(base, "norm", None), "value", getattr(base, "norm", None))
-            if Norm.parse(norm) is not Norm.parse(base_norm):
-                raise InvalidConfigError(
-                    f"evaluate: --norm {norm} differs from the checkpoint's validation attack ({base_norm}, "
-                    f"eps={base.eps:.4g}), whose ε does not carry over to another norm: pass --eps for {norm}."
-                )
-        norm = norm or getattr(base, "norm", None)
-        eps = eps if eps is not None else getattr(base, "eps", None)
-        named = {_attack_name(a, i): a for i, a in enumerate(attacks or [])} or None
-        if named is None:
-            if norm is None or eps is None:
-                raise InvalidConfigError("evaluate: the checkpoint has no validation attack; pass --norm and --eps.")
-            if suite is None:
-                named = {
-                    _attack_name(a, 0): a for a in [PGD(norm=norm, eps=eps, steps=steps, restarts=restarts, seed=0)]
-                }
-            elif eps_grid is None:
-                eps_grid = [eps * k / 4 for k in (1, 2, 3, 4)]
-        entries = None
-        if named is None:
-            from advtrain.evaluation import build_suite
-
-            entries = build_suite(suite, norm=norm, eps=eps, seed=seed, overrides=overrides)
-        _use_trainer_precision(self.precision, [*(named or {}).values(), *(e.attack for e in entries or [])])
-        progress = progress and self.progress_bar_callback is not None
-        if output is None:
-            output = str(Path(ckpt_path).with_suffix("")) + "-eval" if ckpt_path else "reports/evaluate"
-        _check_output_folder(Path(output), overwrite=overwrite, resume=resume)
-        datamodule.prepare_data()
-        datamodule.setup("test" if split == "test" else "validate")
-        loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-        device = _device(self)
-        meta = run_metadata(checkpoint=ckpt_path, split=split, dataset=type(datamodule).__name__, device=device,
-                            suite=suite, seed=seed, robustbench=entry.as_dict() if entry else None)  # fmt: skip
-        if suite is not None:
-            from advtrain.evaluation.suites import suite_note
-
-            meta["suite_note"] = suite_note(suite)
-        report = evaluate_robustness(
-            model.model if isinstance(model, AdversarialTraining) else model, loader, named or entries, norm=norm,
-            eps=eps, eps_grid=eps_grid, cascade=cascade, fuse=fuse, max_fused_batch=max_fused_batch,
-            batch_size=batch_size, device=device,
-            max_samples=max_samples, progress=progress, seed=seed, partial_dir=output, resume=resume, meta=meta,
-            adaptive=adaptive,
-            interpretability=interpretability, is_percentiles=is_percentiles, gallery_samples=gallery_samples,
-        )  # fmt: skip
-        data = report.as_dict()
-        if not self.is_global_zero:
-            return data
-        folder = write_report(report, output, meta, plots=plots)
-        for logger in self.loggers:  # every configured logger (W&B, CSV, TensorBoard, ...)
-            logger.log_metrics(report.scalars(), step=0)
-            if isinstance(logger, WandbLogger):
-                from advtrain.callbacks.robust import log_report_to_wandb
-
-                log_report_to_wandb(logger, report)
-            logger.save()
-        log.info(
-            "evaluate: clean %.2f%%, robust (worst case) %.2f%% on %d samples in %.1f s; report in %s",
-            100 * data["clean_accuracy"], 100 * data["robust_accuracy_all"], data["samples"], data["wall_time_s"],
-            folder,
-        )  # fmt: skip
-        return data
+    evaluate.__doc__ = evaluate_docstring()
 
     def predict(
         self,
@@ -434,82 +279,6 @@ class AdvTrainer(pl.Trainer):
             log.info("predict: %d predictions written to %s", sum(len(b["pred"]) for b in batches), output)
         return batches if return_predictions is not False else None
 
-    def _distributed_evaluate(self, **kwargs: Any) -> dict[str, Any]:
-        """:meth:`evaluate` inside a rank started by Lightning's launcher, once the process group is up."""
-        self.strategy.setup_environment()
-        return self.evaluate(**kwargs)
-
-
-def _evaluation_model(model, datamodule, ckpt_path, arch, arch_kwargs, trust, averaged_weights=True):
-    """The model to evaluate: the checkpoint's weights (an advtrain checkpoint's classifier, or a plain state dict)
-    loaded into ``--arch`` or else into the given module's classifier; without a checkpoint, the given (untrained)
-    module. Through the CLI the module is built from the config layered over the checkpoint's hyperparameters
-    (:class:`AdvTrainCLI`), so flags and config files apply as in validate and test."""
-    from advtrain.training.checkpoint import read_checkpoint
-
-    if ckpt_path is None:
-        log.warning("evaluate: no --ckpt_path given; evaluating the untrained model built from the config.")
-        return model
-    ckpt = read_checkpoint(ckpt_path, trust=trust)
-    from advtrain.callbacks.averaging import averaged_state
-
-    if averaged_state(ckpt):
-        if averaged_weights:
-            log.info("evaluate: %s holds weight-averaged (EMA) weights: evaluating the averaged weights "
-                     "(--averaged_weights false evaluates the last step's live weights).", ckpt_path)  # fmt: skip
-        else:
-            log.info("evaluate: %s holds weight-averaged (EMA) weights: evaluating the last step's live weights "
-                     "(current_model_state), as --averaged_weights false asks.", ckpt_path)  # fmt: skip
-            ckpt = {**ckpt, "state_dict": ckpt["current_model_state"]}
-    if arch is not None:
-        facts = (datamodule.num_classes, datamodule.image_shape, datamodule.mean, datamodule.std)
-        classifier = build_model(arch, arch_kwargs or {}, *facts)
-    else:
-        classifier = model.model
-    what = f"--arch {arch}" if arch is not None else "model.arch (the config's)"
-    load_classifier_weights(classifier, ckpt_path, what, ckpt)  # unwraps state_dict/model, model. and module.
-    if arch is None:
-        return model
-    return classifier.eval()
-
-
-def _norm_option(norm: str | None) -> str | None:
-    """``--norm`` in advtrain's spelling (``linf``, ``l2``, ``l1``) from any case (``Linf``, ``L2``)."""
-    if norm is None:
-        return None
-    try:
-        return Norm.parse(norm).value
-    except ValueError as err:
-        raise InvalidConfigError(f"evaluate: --norm: {err}") from None
-
-
-_AUTOCAST_OF_PRECISION = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
-
-
-def _use_trainer_precision(precision: str, attacks: list[Attack]) -> None:
-    """``--trainer.precision`` for ``evaluate``: mixed precision runs every attack (that has no autocast of its own)
-    under autocast; the verification forward stays in float32."""
-    autocast = _AUTOCAST_OF_PRECISION.get(str(precision))
-    if autocast is None:
-        if str(precision) not in ("32-true", "32", "64-true", "64"):
-            log.warning("evaluate: --trainer.precision %s is not applied (only bf16-mixed and 16-mixed are: attacks "
-                        "under autocast); evaluating in float32.", precision)  # fmt: skip
-        return
-    for attack in attacks:
-        if getattr(attack, "autocast", "n/a") is None:
-            attack.autocast, attack._autocast = autocast, autocast_dtype(autocast)
-
-
-def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuses an ``--output`` that is a file, or that holds an earlier report (unless ``--overwrite true`` or
-    ``--resume true``), before any attack runs."""
-    if output.exists() and not output.is_dir():
-        raise InvalidConfigError(f"evaluate: --output {output} is a file; give a folder for the report.")
-    if (output / "report.json").is_file() and not (overwrite or resume):
-        raise InvalidConfigError(
-            f"evaluate: {output} already holds a report; pass --overwrite true to replace it, or another --output."
-        )
-
 
 def _check_output_file(output: Path, *, overwrite: bool) -> None:
     """Refuses a ``predict --output`` that is a folder, or an existing file unless ``--overwrite true``."""
@@ -536,20 +305,6 @@ def _write_predictions(batches: list[dict[str, Any]], path: Path) -> None:
         writer.writerow([*names, *(f"prob_{k}" for k in range(probs.shape[1]))])
         for i in range(probs.shape[0]):
             writer.writerow([int(columns[n][i]) for n in names] + [f"{float(p):.6g}" for p in probs[i]])
-
-
-def _attack_name(attack: Attack, i: int) -> str:
-    spec = getattr(attack, "spec", None)
-    name = spec.name if spec else type(attack).__name__.lower()
-    steps = getattr(attack, "steps", None)
-    return f"{name}{steps if steps and steps > 1 else ''}-{getattr(attack, 'norm', '')}" + (f"#{i}" if i else "")
-
-
-def _device(trainer: pl.Trainer):
-    try:
-        return trainer.strategy.root_device
-    except Exception:  # noqa: BLE001 - strategies without a root device before setup
-        return "cpu"
 
 
 class AdvSaveConfig(SaveConfigCallback):

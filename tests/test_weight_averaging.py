@@ -148,7 +148,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
 
 
 def test_evaluate_uses_the_averaged_weights_and_says_so(tmp_path, caplog):
-    from advtrain.cli import _evaluation_model
+    from advtrain.evaluation.entry import _evaluation_model
     from advtrain.training import AdversarialTraining
 
     _fit(tmp_path, epochs=1)

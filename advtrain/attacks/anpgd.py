@@ -25,7 +25,10 @@ from advtrain.threat.norms import view_as_batch
 _PAPER = "Ding et al., MMA Training: Direct Input Space Margin Maximization through Adversarial Training, ICLR 2020"
 
 
-@register_attack(AttackSpec("anpgd", AttackKind.MINIMAL, ("linf", "l2"), targeted=False, stochastic=True, paper=_PAPER))
+@register_attack(
+    AttackSpec("anpgd", AttackKind.MINIMAL, ("linf", "l2"), targeted=False, stochastic=True, paper=_PAPER,
+               eps_meaning="initial")
+)  # fmt: skip
 class ANPGD(Attack):
     """Adaptive-norm PGD (Ding et al. 2020, Algorithm 1): an approximate shortest successful perturbation.
 

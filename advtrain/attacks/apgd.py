@@ -214,8 +214,9 @@ class _SparseSchedule:
 
 
 @register_attack(
-    AttackSpec("apgd", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER)
-)
+    AttackSpec("apgd", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER,
+               fusable=True)
+)  # fmt: skip
 class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020, Algorithm 1): APGD-CE with ``loss="ce"``, APGD-DLR with ``loss="dlr"``, APGD-T with
     ``loss="dlr-targeted"``; l1-APGD (Croce & Hein 2021) with ``norm="l1"``; EOT over ``eot_iter`` passes.

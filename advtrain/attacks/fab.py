@@ -47,8 +47,9 @@ def _offer(tracker: MinimalNormTracker, index: Tensor, adv: Tensor, norms: Tenso
 
 
 @register_attack(
-    AttackSpec("fab", AttackKind.MINIMAL, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER)
-)
+    AttackSpec("fab", AttackKind.MINIMAL, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER,
+               eps_meaning="optional_budget")
+)  # fmt: skip
 class FAB(Attack):
     """Fast adaptive boundary attack (Croce & Hein, ICML 2020): a minimal-norm attack in L∞, L2 or L1.
 

@@ -137,8 +137,9 @@ class BIM(PGD):
 
 
 @register_attack(
-    AttackSpec("fgsm", AttackKind.BUDGETED, ("linf",), targeted=True, stochastic=False, paper="Goodfellow et al. 2015")
-)
+    AttackSpec("fgsm", AttackKind.BUDGETED, ("linf",), targeted=True, stochastic=False, paper="Goodfellow et al. 2015",
+               role="one_step")
+)  # fmt: skip
 class FGSM(PGD):
     """Fast gradient sign method: x + ε·sign ∇CE, clipped to [0, 1] (Goodfellow et al. 2015; seed 004).
 
@@ -165,7 +166,7 @@ class FGSM(PGD):
         return eps.clone()
 
 
-@register_attack(AttackSpec("fgm", AttackKind.BUDGETED, ("l2",), targeted=True, stochastic=False))
+@register_attack(AttackSpec("fgm", AttackKind.BUDGETED, ("l2",), targeted=True, stochastic=False, role="one_step"))
 class FGM(FGSM):
     """Fast gradient method, the L2 version of FGSM: x + ε·∇/‖∇‖₂, clipped to [0, 1].
 

@@ -19,9 +19,47 @@ class AttackKind(str, Enum):
     MINIMAL = "minimal"
 
 
+#: The roles an attack can take in an evaluation suite, in cascade order (:mod:`advtrain.evaluation.suites`):
+#: minimal-norm attacks first, once per sample; then multi-step gradient attacks, single-step ones and gradient-free
+#: ones at every ε (the last two feed gradient-masking checks).
+SUITE_ROLES = ("minimal", "iterative", "one_step", "black_box")
+
+
+class EpsMeaning(str, Enum):
+    """What an attack's ``eps`` means to the evaluation.
+
+    * ``BUDGET``: the radius of the ball it stays in (every budgeted attack); the evaluation calls it at each ε.
+    * ``OPTIONAL_BUDGET``: a minimal-norm attack that an ``eps`` restricts to a ball (FAB: without one it searches
+      the whole box; AutoAttack runs it restricted).
+    * ``INITIAL``: only the starting radius of a minimal-norm search that stops at its own ``max_eps`` (AN-PGD): it is
+      never unbounded.
+    * ``NONE``: an unbudgeted minimal-norm attack, which takes no ``eps``.
+    """
+
+    BUDGET = "budget"
+    OPTIONAL_BUDGET = "optional_budget"
+    INITIAL = "initial"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class AttackSpec:
-    """What the framework needs to know about an attack without running it."""
+    """What the framework needs to know about an attack without running it.
+
+    Attributes:
+        name: the registry name.
+        kind: budgeted or minimal-norm.
+        norms: the threat norms it supports.
+        targeted: whether it has a targeted mode.
+        stochastic: whether it draws at random (a ``seed`` makes it reproducible).
+        paper: the paper it implements.
+        role: its default role in an evaluation suite, one of :data:`SUITE_ROLES` (default: ``"minimal"`` for a
+            minimal-norm attack, else ``"iterative"``).
+        eps_meaning: what its ``eps`` means (default: :attr:`EpsMeaning.BUDGET` for a budgeted attack,
+            :attr:`EpsMeaning.NONE` for a minimal-norm one).
+        fusable: several of its calls can run as one on a concatenated batch: the class has
+            ``shares_passes_with(other)`` and ``call_fused(model, inputs, labels, *, segments, eps)`` (APGD).
+    """
 
     name: str
     kind: AttackKind
@@ -29,6 +67,24 @@ class AttackSpec:
     targeted: bool
     stochastic: bool
     paper: str = ""
+    role: str | None = None
+    eps_meaning: EpsMeaning | str | None = None
+    fusable: bool = False
+
+    def __post_init__(self) -> None:
+        minimal = self.kind is AttackKind.MINIMAL
+        role = self.role or ("minimal" if minimal else "iterative")
+        if role not in SUITE_ROLES or (role == "minimal") != minimal:
+            allowed = ("minimal",) if minimal else SUITE_ROLES[1:]
+            raise ValueError(f"AttackSpec {self.name!r}: role must be one of {allowed} for a {self.kind.value} "
+                             f"attack, got {role!r}.")  # fmt: skip
+        meaning = EpsMeaning(self.eps_meaning or (EpsMeaning.NONE if minimal else EpsMeaning.BUDGET))
+        if (meaning is EpsMeaning.BUDGET) == minimal:
+            allowed = [m.value for m in EpsMeaning if m is not EpsMeaning.BUDGET] if minimal else ["budget"]
+            raise ValueError(f"AttackSpec {self.name!r}: eps_meaning must be one of {allowed} for a {self.kind.value} "
+                             f"attack, got {meaning.value!r}.")  # fmt: skip
+        object.__setattr__(self, "role", role)  # frozen: the defaults are filled in once, here
+        object.__setattr__(self, "eps_meaning", meaning)
 
 
 _REGISTRY: dict[str, tuple[AttackSpec, type[Attack]]] = {}
@@ -45,6 +101,9 @@ def register_attack(spec: AttackSpec) -> Callable[[A], A]:
     def wrap(cls: A) -> A:
         if spec.name in _REGISTRY:
             raise ValueError(f"An attack named {spec.name!r} is already registered.")
+        missing = [m for m in ("call_fused", "shares_passes_with") if not callable(getattr(cls, m, None))]
+        if spec.fusable and missing:
+            raise TypeError(f"Attack {spec.name!r} is declared fusable but has no {' or '.join(missing)}.")
         cls.spec = spec
         _REGISTRY[spec.name] = (spec, cls)
         return cls

@@ -60,8 +60,9 @@ def square_pattern(side: int, transpose: bool, device=None) -> Tensor:
 
 
 @register_attack(
-    AttackSpec("square", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER)
-)
+    AttackSpec("square", AttackKind.BUDGETED, ("linf", "l2", "l1"), targeted=True, stochastic=True, paper=_PAPER,
+               role="black_box")
+)  # fmt: skip
 class Square(Attack):
     """Square attack (Andriushchenko et al. 2020): gradient-free random search on the margin loss.
 

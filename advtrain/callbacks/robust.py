@@ -17,6 +17,7 @@ from advtrain.evaluation.report import RobustnessReport, accuracy_figure
 from advtrain.evaluation.robust import evaluate_robustness, fusion_enabled, prepare_attacks
 from advtrain.evaluation.sampling import seeded_subset
 from advtrain.evaluation.suites import build_suite
+from advtrain.evaluation.threat_model import resolve_threat
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class RobustEvaluation(pl.Callback):
         suite: ``"quick"`` (PGD-20), ``"apgd"`` (APGD-CE + APGD-DLR), ``"autoattack"`` (alias ``"standard"``) or
             ``"full"`` (the zoo), see :data:`advtrain.evaluation.SUITES` (no escalation during training).
         norm: threat norm (default: the module's ``val_attack``'s).
-        eps: main budget (default: the module's ``val_attack``'s).
+        eps: main budget (default: the module's ``val_attack``'s, which does not carry over to another ``norm``).
         eps_grid: budgets of the accuracy-versus-ε curves (``eps`` is always included).
         num_samples: size of the fixed subset (``None``: the whole split).
         batch_size: attack batch size.
@@ -135,14 +136,14 @@ class RobustEvaluation(pl.Callback):
         self.run(trainer, pl_module, "test")
 
     def _threat(self, pl_module: pl.LightningModule) -> tuple[str, float]:
-        base = getattr(pl_module, "val_attack", None)
-        norm = self.norm or getattr(base, "norm", None)
-        eps = self.eps if self.eps is not None else getattr(base, "eps", None)
+        """``norm`` and ``eps``, else the module's ``val_attack``'s (:func:`~advtrain.evaluation.resolve_threat`)."""
+        val_attack = getattr(pl_module, "val_attack", None)
+        norm, eps = resolve_threat(self.norm, self.eps, val_attack=val_attack, who="RobustEvaluation")
         if norm is None or eps is None:
             raise ValueError(
                 "RobustEvaluation needs a threat model: pass norm and eps, or give the module a val_attack."
             )
-        return norm, float(eps)
+        return norm, eps
 
     def _dataset(self, trainer: pl.Trainer, split: str):
         dm = trainer.datamodule

@@ -14,7 +14,8 @@ gradient-free attacks with a larger budget where gradients are masked, attacks t
 
 The escalation attacks run only on the samples the suite left standing (per ε), and join the report as attacks of
 role ``"escalation"``: the worst case includes them, and the report's ``escalation`` entry says which check fired,
-what ran and how much each step changed.
+what ran and how much each step changed. The responses are data (:data:`advtrain.attacks.suites.RESPONSES`,
+re-exported here as :data:`RESPONSES`).
 """
 
 from __future__ import annotations
@@ -22,28 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from advtrain.attacks.suites import RESPONSES, SuiteEntry
 from advtrain.errors import InvalidConfigError
-from advtrain.evaluation.suites import EvalAttack, SuiteEntry, build_suite
+from advtrain.evaluation.suites import EvalAttack, build_suite
 from advtrain.threat.norms import Norm
 
 #: Suites that escalate by default (``adaptive=None``).
 ADAPTIVE_SUITES = ("autoattack", "full")
-
-_MORE_SQUARE = SuiteEntry("square-more", "square", {"steps": 10000, "restarts": 2, "p_init": 0.8}, role="escalation")
-_TRANSFER = SuiteEntry("transfer", "transfer", {"steps": 100, "loss": "dlr"}, role="escalation")
-_EOT = [
-    SuiteEntry("apgd-ce-eot", "apgd", {"loss": "ce", "steps": 100, "eot_iter": 20}, role="escalation"),
-    SuiteEntry("apgd-dlr-eot", "apgd", {"loss": "dlr", "steps": 100, "eot_iter": 20}, role="escalation"),
-]
-
-#: Which escalation attacks each masking check calls for.
-RESPONSES: dict[str, list[SuiteEntry]] = {
-    "black_box_beats_white_box": [_MORE_SQUARE, _TRANSFER],
-    "one_step_beats_iterative": [_MORE_SQUARE, _TRANSFER],
-    "zero_gradients": [_MORE_SQUARE, _TRANSFER],
-    "unbounded_below_full_success": [_MORE_SQUARE, _TRANSFER],
-    "random_outputs": _EOT,
-}
 
 
 def plan_escalation(
@@ -101,3 +87,6 @@ def describe_escalation(plan: Mapping[str, Any], report, before) -> dict[str, An
         "robust_accuracy_after": report.summary["robust_accuracy_all"],
         "steps": steps,
     }
+
+
+__all__ = ["ADAPTIVE_SUITES", "RESPONSES", "describe_escalation", "plan_escalation"]

@@ -635,7 +635,7 @@ class InterpretabilityResult:
 
 class InterpretabilityCollector:
     """Collects IS(ν) and gallery examples from an evaluation, as the ``on_verified`` hook of
-    :func:`advtrain.evaluation.robust.attack_batch`.
+    :func:`advtrain.evaluation.attack_batch`.
 
     Each verified adversarial point an attack finds at a budget up to the main ε (a minimal-norm attack: its one
     point) is scored at once, so no image is kept but the gallery's. :meth:`finish` then keeps, per attack and

@@ -126,7 +126,7 @@ def run_checks(
     curves: dict[str, list[float]],
     tolerance: float = 0.01,
 ) -> list[MaskingCheck]:
-    """All checks, from the evaluation's records (see :func:`advtrain.evaluation.robust.attack_batch`).
+    """All checks, from the evaluation's records (fields: :data:`advtrain.evaluation.records.RECORD`).
 
     Args:
         data: the gathered records.

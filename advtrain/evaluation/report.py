@@ -127,7 +127,7 @@ class RobustnessReport:
     sample at every ε ≥ r.
 
     Attributes:
-        data: the gathered per-sample records (see :func:`advtrain.evaluation.robust.attack_batch`).
+        data: the gathered records (fields: :data:`advtrain.evaluation.records.RECORD`).
         summary: the numbers, as in ``report.json``.
         checks: the gradient-masking checks.
         interpretability: the interpretability scores and gallery
@@ -221,71 +221,26 @@ def summarize(
     meta: Mapping[str, Any] | None = None,
     fusion: int | None = None,
 ) -> RobustnessReport:
-    """Computes the report from the gathered records.
+    """Computes the report from the gathered records (the fields of :data:`advtrain.evaluation.records.RECORD`).
 
-    Per attack: robust accuracy at each ε; success rate over the correctly classified samples it attacked (at the
-    main ε for budgeted attacks); claimed, verified and falsely claimed successes (over all ε); mean norm over its
-    successes and median norm over the samples it attacked with failures as +inf; ρ = ‖δ‖/‖x‖ mean and worst case
-    (largest) over its successes; pass counts and time. ``fusion`` is the max fused batch of a fused run (``None``:
-    not fused), reported as ``fused`` and ``max_fused_batch``.
+    Per attack (:func:`_attack_summary`): robust accuracy at each ε; success rate over the correctly classified samples
+    it attacked (at the main ε for budgeted attacks); claimed, verified and falsely claimed successes (over all ε);
+    mean norm over its successes and median norm over the samples it attacked with failures as +inf; ρ = ‖δ‖/‖x‖ mean
+    and worst case (largest) over its successes; pass counts and time. ``fusion`` is the max fused batch of a fused
+    run (``None``: not fused), reported as ``fused`` and ``max_fused_batch``.
     """
     n = int(data["index"].numel())
     total = max(n, 1)
-    correct = data["correct"]
-    main = list(grid).index(eps)
     standing = robust_under_all(data, grid)
     all_by_eps = {eps_key(e): float(standing[:, g].sum()) / total for g, e in enumerate(grid)}
-    attacks_out: dict[str, Any] = {}
-    defects = []
-    # Curves for the "success grows with ε" check: the worst case, the worst case over the gradient attacks only
-    # (a black-box attack must not hide flat gradient-attack curves), and each budgeted attack alone when it ran on
-    # every sample (in the cascade its curve is cumulative, hence monotone by construction).
-    curves = {"All": list(all_by_eps.values())}
-    white = [a for a, e in enumerate(attacks) if e.role != "black_box"]
-    if white and len(white) < len(attacks) and n:
-        white_best = data["norms"][:, white].flatten(1).amin(1)
-        curves["white-box attacks"] = [float((correct & ~within(white_best, e)).sum()) / total for e in grid]
-    for a, entry in enumerate(attacks):
-        col = 0 if entry.minimal else main
-        attacked = data["attacked"][:, a, col]
-        fooled = data["fooled"][:, a, col] & attacked
-        norms = data["norms"][:, a, col]
-        every = slice(0, 1) if entry.minimal else slice(None)
-        claimed = int((data["claimed"][:, a, every] & data["attacked"][:, a, every]).sum())
-        verified = int((data["fooled"][:, a, every] & data["attacked"][:, a, every]).sum())
-        false_claims = int(
-            (data["claimed"][:, a, every] & ~data["fooled"][:, a, every] & data["attacked"][:, a, every]).sum()
-        )
-        if false_claims:
-            defects.append(
-                f"Attack {entry.name} claimed {false_claims} successes that did not hold on re-check (clipped to the "
-                "ball and box, fresh forward pass): an attack defect; they were counted as failures."
-            )
-        rho = norms[fooled] / data["x_norm"][fooled].clamp_min(1e-12)
-        by_eps = {eps_key(e): float(data["robust"][:, a, g].sum()) / total for g, e in enumerate(grid)}
-        if not entry.minimal and not cascade:
-            curves[entry.name] = list(by_eps.values())
-        n_attacked = int(attacked.sum())
-        attacks_out[entry.name] = {
-            "config": entry.config,
-            "kind": "minimal" if entry.minimal else "budgeted",
-            "role": entry.role,
-            "robust_accuracy": by_eps[eps_key(eps)],
-            "robust_accuracy_by_eps": by_eps,
-            "attacked": n_attacked,
-            "attacked_by_eps": {eps_key(e): int(data["attacked"][:, a, g].sum()) for g, e in enumerate(grid)},
-            "success_rate": float(fooled.sum()) / n_attacked if n_attacked else math.nan,
-            "claimed_successes": claimed,
-            "verified_successes": verified,
-            "false_claims": false_claims,
-            "mean_norm": _mean(norms[fooled]),
-            "median_norm": _median_with_failures(torch.where(fooled, norms, math.inf)[attacked]),
-            "rho_mean": _mean(rho),
-            "rho_max": float(rho.max()) if rho.numel() else math.nan,
-            "forward_passes": int(data["forward_passes"][a]),
-            "backward_passes": int(data["backward_passes"][a]),
-            "seconds": round(float(data["seconds"][a]), 3),
-        }
+    attacks_out = {entry.name: _attack_summary(data, a, entry, grid, eps, total) for a, entry in enumerate(attacks)}
+    defects = [
+        f"Attack {name} claimed {a['false_claims']} successes that did not hold on re-check (clipped to the ball and "
+        "box, fresh forward pass): an attack defect; they were counted as failures."
+        for name, a in attacks_out.items()
+        if a["false_claims"]
+    ]
+    curves = _masking_curves(data, attacks, grid, cascade, all_by_eps, attacks_out, total)
     checks = run_checks(
         data, [e.name for e in attacks], [e.role for e in attacks], [e.minimal and e.unbounded for e in attacks],
         list(grid), curves, tolerance,
@@ -302,7 +257,7 @@ def summarize(
         "cascade": cascade,
         "fused": fusion is not None,
         "max_fused_batch": fusion,
-        "clean_accuracy": float(correct.sum()) / total,
+        "clean_accuracy": float(data["correct"].sum()) / total,
         "robust_accuracy_all": all_by_eps[eps_key(eps)],
         "robust_accuracy_all_by_eps": all_by_eps,
         "attacks": attacks_out,
@@ -312,6 +267,55 @@ def summarize(
         "versions": software_versions(),
     }
     return RobustnessReport(data=data, summary=summary, checks=checks)
+
+
+def _masking_curves(data, attacks, grid, cascade: bool, all_by_eps, attacks_out, total: int) -> dict[str, list[float]]:
+    """The curves of the "success grows with ε" check: the worst case, the worst case over the gradient attacks only
+    (a black-box attack must not hide flat gradient-attack curves), and each budgeted attack alone when it ran on
+    every sample (in the cascade its curve is cumulative, hence monotone by construction)."""
+    curves = {"All": list(all_by_eps.values())}
+    white = [a for a, e in enumerate(attacks) if e.role != "black_box"]
+    if white and len(white) < len(attacks) and data["index"].numel():
+        white_best = data["norms"][:, white].flatten(1).amin(1)
+        curves["white-box attacks"] = [float((data["correct"] & ~within(white_best, e)).sum()) / total for e in grid]
+    for entry in attacks:
+        if not entry.minimal and not cascade:
+            curves[entry.name] = list(attacks_out[entry.name]["robust_accuracy_by_eps"].values())
+    return curves
+
+
+def _attack_summary(data: Mapping[str, Tensor], a: int, entry, grid, eps: float, total: int) -> dict[str, Any]:
+    """The report's entry of the attack at position ``a`` (see :func:`summarize`)."""
+    col = 0 if entry.minimal else list(grid).index(eps)
+    attacked = data["attacked"][:, a, col]
+    fooled = data["fooled"][:, a, col] & attacked
+    norms = data["norms"][:, a, col]
+    every = slice(0, 1) if entry.minimal else slice(None)
+    ran = data["attacked"][:, a, every]
+    claimed, verified = data["claimed"][:, a, every] & ran, data["fooled"][:, a, every] & ran
+    rho = norms[fooled] / data["x_norm"][fooled].clamp_min(1e-12)
+    by_eps = {eps_key(e): float(data["robust"][:, a, g].sum()) / total for g, e in enumerate(grid)}
+    n_attacked = int(attacked.sum())
+    return {
+        "config": entry.config,
+        "kind": "minimal" if entry.minimal else "budgeted",
+        "role": entry.role,
+        "robust_accuracy": by_eps[eps_key(eps)],
+        "robust_accuracy_by_eps": by_eps,
+        "attacked": n_attacked,
+        "attacked_by_eps": {eps_key(e): int(data["attacked"][:, a, g].sum()) for g, e in enumerate(grid)},
+        "success_rate": float(fooled.sum()) / n_attacked if n_attacked else math.nan,
+        "claimed_successes": int(claimed.sum()),
+        "verified_successes": int(verified.sum()),
+        "false_claims": int((claimed & ~verified).sum()),
+        "mean_norm": _mean(norms[fooled]),
+        "median_norm": _median_with_failures(torch.where(fooled, norms, math.inf)[attacked]),
+        "rho_mean": _mean(rho),
+        "rho_max": float(rho.max()) if rho.numel() else math.nan,
+        "forward_passes": int(data["forward_passes"][a]),
+        "backward_passes": int(data["backward_passes"][a]),
+        "seconds": round(float(data["seconds"][a]), 3),
+    }
 
 
 def _json_safe(value: Any) -> Any:
