@@ -6,10 +6,17 @@ from advtrain.engine.loop import ascent_step, gradient_ascent
 from advtrain.engine.losses import LOSSES, cross_entropy, dlr_loss, margin_loss
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
-from advtrain.engine.tracking import MinimalNormTracker, PassCounter, logits_of
+from advtrain.engine.search import ConstantSearch
+from advtrain.engine.state import ACTIVE_SET_MODES, SampleState, shared
+from advtrain.engine.tracking import MaxLossTracker, MinimalNormTracker, PassCounter, logits_of
 
 __all__ = [
+    "ACTIVE_SET_MODES",
     "ActiveSet",
+    "ConstantSearch",
+    "MaxLossTracker",
+    "SampleState",
+    "shared",
     "AttackCore",
     "ascent_step",
     "fused",
