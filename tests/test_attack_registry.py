@@ -161,7 +161,7 @@ class _ShapeRecorder(torch.nn.Module):
 
 
 # Attacks not yet moved onto the loop contract's typed state: their masked mode still shrinks.
-MASKED_PENDING = {"anpgd", "cw_l2", "ddn", "deepfool", "fab", "square", "strattack", "tr", "transfer"}
+MASKED_PENDING = {"anpgd", "cw_l2", "ddn", "deepfool", "fab", "strattack", "tr", "transfer"}
 
 
 @pytest.mark.parametrize("name", ATTACKS)
