@@ -161,7 +161,7 @@ class _ShapeRecorder(torch.nn.Module):
 
 
 # Attacks not yet moved onto the loop contract's typed state: their masked mode still shrinks.
-MASKED_PENDING = {"anpgd", "cw_l2", "ddn", "deepfool", "fab", "strattack", "tr", "transfer"}
+MASKED_PENDING = {"anpgd", "cw_l2", "ddn", "deepfool", "strattack", "tr", "transfer"}
 
 
 @pytest.mark.parametrize("name", ATTACKS)
@@ -198,6 +198,7 @@ INDEPENDENT = {
     "cw_l2": {"abort_early": False, "initial_const": 10.0},
     "strattack": {"steps": 30, "binary_search_steps": 2, "initial_const": 500.0},
     "tr": {"steps": 30, "radius": 0.05},
+    "fab": {"eps": 0.03},  # unbudgeted, FAB fools every sample here: within ε some retire early and some never
 }
 
 
