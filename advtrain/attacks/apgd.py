@@ -538,7 +538,13 @@ class APGD(Attack):
         return dlr_loss(logits, s.y)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        return self._run(model, inputs, labels, self.budget(eps, inputs), [(self.loss, inputs.shape[0], generator)])
+        return self.run_on(self.core(model, inputs, labels), self.budget(eps, inputs), generator)
+
+    def run_on(self, core: AttackCore, eps: Tensor, generator: torch.Generator | None = None) -> AttackResult:
+        """The attack on the batch of ``core``, a core the caller built (its model, options and active-set mode: a
+        surrogate's, see :class:`~advtrain.attacks.Transfer`), with (B,) budgets ``eps``; the model must be in the
+        attack's mode already."""
+        return self._run(core, eps, [(self.loss, core.batch, generator)])
 
     def call_fused(
         self,
@@ -584,18 +590,14 @@ class APGD(Attack):
         # Each segment draws from its own generator, seeded as its own call would be.
         parts = [(a.loss, n, a.generator(inputs.device)) for (a, _), n in zip(segments, sizes, strict=True)]
         with attack_context(model, self.mode):
-            return self._run(model, inputs, labels, self.budget(eps, inputs), parts)
+            return self._run(self.core(model, inputs, labels), self.budget(eps, inputs), parts)
 
     def _run(
-        self,
-        model: nn.Module,
-        inputs: Tensor,
-        labels: Tensor,
-        eps_t: Tensor,
-        segments: Sequence[tuple[str, int, torch.Generator | None]],
+        self, core: AttackCore, eps_t: Tensor, segments: Sequence[tuple[str, int, torch.Generator | None]]
     ) -> AttackResult:
-        """The attack on a batch of consecutive segments ``(loss, rows, generator)`` (one for a plain call)."""
-        call = self._call(self.core(model, inputs, labels), segments)
+        """The attack on the batch of ``core``, consecutive segments ``(loss, rows, generator)`` (one for a plain
+        call)."""
+        call = self._call(core, segments)
         bounds = torch.tensor([0, *[n for _, n, _ in segments]], device=call.core.device).cumsum(0)
         targets = self._target_classes(call) if call.kind == "dlr-targeted" else [None]
         first_eps = eps_t * self._stages[0][0]
