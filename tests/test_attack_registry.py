@@ -161,7 +161,7 @@ class _ShapeRecorder(torch.nn.Module):
 
 
 # Attacks not yet moved onto the loop contract's typed state: their masked mode still shrinks.
-MASKED_PENDING = {"anpgd", "cw_l2", "ddn", "deepfool", "strattack", "tr"}
+MASKED_PENDING = {"cw_l2", "ddn", "deepfool", "strattack", "tr"}
 
 
 # Model calls of a masked run that see a fixed multiple of the batch: Transfer's smoothed surrogate runs the model on

@@ -61,6 +61,7 @@ def gradient_ascent(
     compile: bool = False,
     checks: bool = True,
     active_set: str = "shrink",
+    rows: Tensor | None = None,
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -91,6 +92,8 @@ def gradient_ascent(
         checks: check inputs and labels (see :class:`~advtrain.engine.core.AttackCore`); the training maximizers,
             whose batch was validated before it reached the device, pass ``False`` to save the host syncs.
         active_set: ``"shrink"`` or ``"mask"``, see :mod:`advtrain.engine.state`.
+        rows: attack only these samples (default: all); the others come back unchanged, not fooled, at no cost
+            (masked mode: masked from the start, so that every model call still sees the whole batch).
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
@@ -112,8 +115,11 @@ def gradient_ascent(
     def advance(k: int, s: _AscentState) -> None:
         s.delta = step_fn(geometry, s.x, s.delta, s.grad, s.alpha, s.eps)
 
-    for _ in range(max(1, restarts)):
-        index = torch.arange(batch, device=device) if not early_stop else (~tracker.success).nonzero().squeeze(1)
+    for restart in range(max(1, restarts)):
+        if rows is None:
+            index = torch.arange(batch, device=device) if not early_stop else (~tracker.success).nonzero().squeeze(1)
+        else:
+            index = rows if restart == 0 or not early_stop else rows[~tracker.success[rows]]
         if index.numel() == 0:
             break
         xa, ea = x[index], eps[index]
