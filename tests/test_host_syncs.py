@@ -111,9 +111,8 @@ def test_a_budget_schedule_adds_no_host_sync(name):
 
 # Per-step budgets of the maximizers whose algorithm syncs: site -> the most it may occur in one training step (K
 # attack steps). Sites in advtrain/attacks and advtrain/engine belong to the attacks these maximizers run.
-_RETIRE = "__int__ advtrain/engine/core.py (retire)"
-_KEEP = ("__getitem__ advtrain/engine/core.py (keep)", "__getitem__ advtrain/engine/core.py (<dictcomp>)")
-# The same on the loop contract's typed state (advtrain/engine/state.py): the index and each per-sample field.
+# The loop contract's typed state (advtrain/engine/state.py): a count per retirement, then the index and each
+# per-sample field when samples leave.
 _STATE_RETIRE, _STATE_KEEP = "__int__ advtrain/engine/state.py (retire)", "__getitem__ advtrain/engine/state.py (keep)"
 BUDGETS = {
     # DDN-K on CPU: the zero-gradient test every iteration (on an accelerator the noise is drawn every step instead,

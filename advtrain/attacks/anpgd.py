@@ -7,6 +7,8 @@ Reference:
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -14,15 +16,30 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet
+from advtrain.engine.core import AttackCore
 from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.losses import soft_logit_margin
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import view_as_batch
 
 _PAPER = "Ding et al., MMA Training: Direct Input Space Margin Maximization through Adversarial Training, ICLR 2020"
+
+
+@dataclass(eq=False)
+class _BisectionState(SampleState):
+    """Per-sample state of the bisection along the PGD direction (step 3)."""
+
+    x: Tensor  # the clean point
+    u: Tensor  # the unit direction
+    found: Tensor  # some evaluated point fools
+    best: Tensor  # the shortest fooling point evaluated (else the PGD point, or x)
+    lo: Tensor  # the bracket [lo, hi] of η
+    hi: Tensor
+    mid: Tensor | None = None  # this iteration's midpoint
+    fooled: Tensor | None = None  # whether it fools
 
 
 @register_attack(
@@ -71,7 +88,7 @@ class ANPGD(Attack):
         steps: PGD steps (the paper: 10 on CIFAR-10, 40 on MNIST).
         step_size: PGD step α; ``None`` uses 2.5·ε_init/``steps`` per sample.
         bisection_steps: bisection midpoints evaluated (each one forward pass per sample).
-        autocast, compile, mode, seed: see :class:`Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`).
 
     Example:
         >>> attack = ANPGD(norm="linf", eps=0.1, max_eps=0.45, steps=40)  # doctest: +SKIP
@@ -87,12 +104,9 @@ class ANPGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         bisection_steps: int = 10,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or bisection_steps < 0:
             raise ValueError(f"steps must be >= 1 and bisection_steps >= 0, got {steps}, {bisection_steps}.")
         if eps < 0 or max_eps <= 0 or (step_size is not None and step_size <= 0):
@@ -121,40 +135,55 @@ class ANPGD(Attack):
         if index.numel() == 0:
             return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
 
-        # 1. PGD at ε_init on the soft logit margin, on the same core (one loop, one pass count).
-        xa, ya, ea = x[index], core.y[index], eps_init[index]
-        alpha = ea * (2.5 / self.steps) if self.step_size is None else torch.full_like(ea, float(self.step_size))
-        pgd = gradient_ascent(
-            model, xa, ya, geometry=geometry, eps=ea, step_size=alpha, steps=self.steps, loss_fn=soft_logit_margin,
-            random_start=True, generator=generator, autocast=self._autocast, compile=self.compile,
-            checks=False,  # this attack's own core has checked the batch
-        )  # fmt: skip
+        # 1. PGD at ε_init on the soft logit margin (its passes count as this call's).
+        pgd = self._pgd(model, core, eps_init, index, generator)
         core.counter.absorb(pgd)
 
         # 2. The unit direction; a zero δ₁ (ε_init = 0, or no gradient) gives u = 0 and no success.
-        delta = (pgd.adv - xa).float()
+        xa, adv, fooled = x[index], pgd.adv[index], pgd.success[index]
+        delta = (adv - xa).float()
         radius = geometry.measure(delta)
         u = delta / view_as_batch(radius.clamp_min(1e-12), delta)
 
         # 3. Bisection on η, starting from the bracket the PGD point gives; forwards only.
         cap = torch.full_like(radius, 1.05 * self.max_eps)
-        start = torch.where(view_as_batch(pgd.success, xa), pgd.adv, xa).float()
-        active = ActiveSet(
-            index, x=xa.float(), u=u, found=pgd.success.clone(), best=start,
-            lo=torch.where(pgd.success, torch.zeros_like(radius), torch.minimum(radius, cap)),
-            hi=torch.where(pgd.success, radius, cap),
+        state = core.start(
+            _BisectionState, index, x=xa.float(), u=u, found=fooled.clone(),
+            best=torch.where(view_as_batch(fooled, xa), adv, xa).float(),
+            lo=torch.where(fooled, torch.zeros_like(radius), torch.minimum(radius, cap)),
+            hi=torch.where(fooled, radius, cap),
+        )  # fmt: skip
+        core.loop(state, self.bisection_steps, functools.partial(self._midpoint, core), self._narrow)
+        tracker.offer(state, state.best, geometry.measure(state.best - state.x), state.found)
+        return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
+
+    def _pgd(
+        self, model: nn.Module, core: AttackCore, eps_init: Tensor, index: Tensor, generator: torch.Generator | None
+    ) -> AttackResult:
+        """Step 1: PGD at ε_init on the soft logit margin, of the samples ``index`` (the others are left alone)."""
+        alpha = (
+            eps_init * (2.5 / self.steps)
+            if self.step_size is None
+            else torch.full_like(eps_init, float(self.step_size))
+        )
+        options = {**self.engine_options(), "checks": False}  # this attack's own core has checked the batch
+        return gradient_ascent(
+            model, core.x, core.y, geometry=self.geometry, eps=eps_init, step_size=alpha, steps=self.steps,
+            loss_fn=soft_logit_margin, random_start=True, generator=generator, rows=index, **options,
         )  # fmt: skip
 
-        def body(k: int, s: ActiveSet) -> None:
-            mid = 0.5 * (s["lo"] + s["hi"])
-            candidate = (s["x"] + view_as_batch(mid, s["u"]) * s["u"]).clamp(0.0, 1.0)
-            fooled = core.fooled(core.forward(candidate), s.index)
-            # hi only ever decreases to a fooling midpoint, so the last fooling candidate is the shortest.
-            s["best"] = torch.where(view_as_batch(fooled, candidate), candidate, s["best"])
-            s["found"] = s["found"] | fooled
-            s["hi"] = torch.where(fooled, mid, s["hi"])
-            s["lo"] = torch.where(fooled, s["lo"], mid)
+    @staticmethod
+    def _midpoint(core: AttackCore, k: int, s: _BisectionState) -> None:
+        """Evaluates the midpoint of each bracket; the last fooling candidate is the shortest (hi only ever
+        decreases to a fooling midpoint)."""
+        s.mid = 0.5 * (s.lo + s.hi)
+        candidate = (s.x + view_as_batch(s.mid, s.u) * s.u).clamp(0.0, 1.0)
+        s.fooled = core.fooled(core.forward(candidate), s.index)
+        s.best = torch.where(view_as_batch(s.fooled, candidate), candidate, s.best)
+        s.found = s.found | s.fooled
 
-        core.loop(active, self.bisection_steps, body)
-        tracker.update(active.index, active["best"], geometry.measure(active["best"] - active["x"]), active["found"])
-        return core.result(tracker.best_adv, tracker.success.clone(), geometry.measure)
+    @staticmethod
+    def _narrow(k: int, s: _BisectionState) -> None:
+        """Keeps the half of each bracket where the boundary is crossed."""
+        s.hi = torch.where(s.fooled, s.mid, s.hi)
+        s.lo = torch.where(s.fooled, s.lo, s.mid)

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.losses import cross_entropy, dlr_loss
 from advtrain.engine.modes import attack_context
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState, shared
+from advtrain.engine.tracking import MaxLossTracker
 from advtrain.errors import InvalidInputError
 from advtrain.threat.geometry import Geometry, L1Geometry, geometry_for
 from advtrain.threat.norms import Norm, view_as_batch
@@ -111,19 +113,62 @@ def largereps_stages(steps: int) -> list[tuple[float, int]]:
     return [(3.0, first), (2.0, first), (1.0, steps - 2 * first)]
 
 
+@dataclass(eq=False)
+class _RunState(SampleState):
+    """Per-sample state of one APGD run: the samples still under attack (or, masked, all with a mask)."""
+
+    x: Tensor
+    y: Tensor
+    eps: Tensor
+    delta: Tensor
+    eta: Tensor  # step size η
+    run_best_loss: Tensor  # this run's best point: the restart target of the schedule
+    run_best_delta: Tensor
+    run_best_grad: Tensor
+    loss: Tensor | None = None  # the loss at delta (after a restart: at the best point)
+    grad: Tensor | None = None  # the gradient at delta, until the step takes it
+    clean: Tensor | None = None  # loss inputs: targeted DLR's true class (the clean prediction)
+    dlr: Tensor | None = None  # a fused call's rows that ascend DLR (the others CE)
+    target: Tensor | None = None  # APGD-T's target class
+    prev: Tensor | None = None  # halving schedule: the previous iterate (momentum)
+    raises: Tensor | None = None  # steps since the last checkpoint that raised the loss
+    reduced: Tensor | None = None  # η was halved at the last checkpoint
+    checkpoint_best: Tensor | None = None  # f_max at the last checkpoint
+    sparsity: Tensor | None = None  # l1 schedule: ‖δ_best‖₀ at the last checkpoint
+    k: Tensor | None = None  # l1 schedule: coordinates moved per step
+    last_checkpoint: int = shared(0)  # the iteration of the last checkpoint (w_{j−1})
+
+
+@dataclass(eq=False)
+class _Points(SampleState):
+    """The clean points of some samples (for a forward pass on them that counts as theirs)."""
+
+    x: Tensor
+
+
 @dataclass
 class _Call:
-    """What one attack call shares across its runs: the core, the loss and per-sample extras, and the outputs."""
+    """What one attack call shares across its runs: the core, the loss and its per-sample inputs, the best points
+    and the per-sample passes."""
 
     core: AttackCore
-    eps: Tensor  # (B,) budgets
     kind: str  # "ce", "dlr", "dlr-targeted" or "mixed"
-    extras: dict[str, Tensor]  # (B,) per-sample loss inputs: "clean" (targeted DLR), "dlr" (mixed), "target" (APGD-T)
-    best_delta: Tensor
-    best_loss: Tensor
-    success: Tensor
-    forward_rows: Tensor
+    tracker: MaxLossTracker  # per sample: the first fooling point, else the largest-loss point over the restarts
+    forward_rows: Tensor  # (B,) passes per sample, to attribute a fused call's cost to its parts
     backward_rows: Tensor
+    clean: Tensor | None = None  # (B,) loss inputs, see _RunState
+    dlr: Tensor | None = None
+    target: Tensor | None = None
+
+    def loss_inputs(self, idx: Tensor) -> dict[str, Tensor]:
+        """The per-sample loss inputs of the samples ``idx`` (the fields of :class:`_RunState` they fill)."""
+        inputs = {"clean": self.clean, "dlr": self.dlr, "target": self.target}
+        return {name: value[idx] for name, value in inputs.items() if value is not None}
+
+    def count(self, s: SampleState, rows: Tensor | None, forward: int, backward: int) -> None:
+        """Adds passes to the samples of ``s`` (those flagged ``rows``, or all)."""
+        s.write(self.forward_rows, self.forward_rows[s.index] + forward, rows)
+        s.write(self.backward_rows, self.backward_rows[s.index] + backward, rows)
 
 
 class _HalvingSchedule:
@@ -137,34 +182,29 @@ class _HalvingSchedule:
     def checkpoints(steps: int) -> set[int]:
         return {w for w in APGD.checkpoints(steps)[1:] if w < steps}
 
-    def start(self, s: ActiveSet, warm: bool) -> None:
-        n = len(s)
-        s["eta"] = 2.0 * s["eps"]
-        s["prev"] = s["delta"]
-        s["raises"] = torch.zeros(n, device=s["eps"].device)
-        s["reduced"] = torch.zeros(n, dtype=torch.bool, device=s["eps"].device)
+    def start(self, eps: Tensor, delta: Tensor, warm: bool) -> dict[str, Tensor]:
+        """The schedule's fields of :class:`_RunState` at the start of a run."""
+        return {"eta": 2.0 * eps, "prev": delta, "raises": torch.zeros_like(eps),
+                "reduced": torch.zeros_like(eps, dtype=torch.bool)}  # fmt: skip
 
-    def observe(self, s: ActiveSet, k: int, loss: Tensor) -> None:
+    def observe(self, s: _RunState, k: int, loss: Tensor) -> None:
         if k == 0:
-            s["checkpoint_best"] = loss
+            s.checkpoint_best = loss
         else:
-            s["raises"] = s["raises"] + (loss > s["loss"]).float()
+            s.raises = s.raises + (loss > s.loss).float()
 
-    def checkpoint(self, s: ActiveSet, window: int) -> Tensor:
+    def checkpoint(self, s: _RunState, window: int) -> Tensor:
         """Halves η where the conditions hold; returns where the run goes back to its best point."""
-        halve = halving_condition(s["raises"], window, self.rho, s["reduced"], s["run_best_loss"], s["checkpoint_best"])
-        s["eta"] = torch.where(halve, 0.5 * s["eta"], s["eta"])
-        s["reduced"] = halve
-        s["checkpoint_best"] = s["run_best_loss"]
-        s["raises"] = torch.zeros_like(s["raises"])
+        halve = halving_condition(s.raises, window, self.rho, s.reduced, s.run_best_loss, s.checkpoint_best)
+        s.eta = torch.where(halve, 0.5 * s.eta, s.eta)
+        s.reduced = halve
+        s.checkpoint_best = s.run_best_loss
+        s.raises = torch.zeros_like(s.raises)
         return halve
 
-    def step(self, geometry: Geometry, s: ActiveSet, k: int) -> None:
-        a = torch.tensor(1.0 if k == 0 else self.alpha, device=s["eta"].device)
-        s["prev"], s["delta"] = (
-            s["delta"],
-            self._step(geometry, s["x"], s["delta"], s["prev"], s.pop("grad"), s["eta"], s["eps"], a),
-        )
+    def step(self, geometry: Geometry, s: _RunState, k: int) -> None:
+        a = torch.tensor(1.0 if k == 0 else self.alpha, device=s.eta.device)
+        s.prev, s.delta = s.delta, self._step(geometry, s.x, s.delta, s.prev, s.grad, s.eta, s.eps, a)
 
 
 class _SparseSchedule:
@@ -186,31 +226,104 @@ class _SparseSchedule:
     def _nonzeros(delta: Tensor) -> Tensor:
         return (delta.flatten(1) != 0).sum(dim=1).float()
 
-    def start(self, s: ActiveSet, warm: bool) -> None:
-        dims = s["delta"][0].numel()
-        s["eta"] = s["eps"].clone()
+    def start(self, eps: Tensor, delta: Tensor, warm: bool) -> dict[str, Tensor]:
+        """The schedule's fields of :class:`_RunState` at the start of a run."""
+        dims = delta[0].numel()
         if warm:
-            s["sparsity"] = self._nonzeros(s["delta"])
-            s["k"] = (s["sparsity"] / 1.5).ceil().clamp(1, dims)
+            sparsity = self._nonzeros(delta)
+            k = (sparsity / 1.5).ceil().clamp(1, dims)
         else:
-            s["sparsity"] = torch.full_like(s["eps"], float(dims))
-            s["k"] = torch.full_like(s["eps"], float(max(math.ceil(round(0.2 * dims, 9)), 1)))
+            sparsity = torch.full_like(eps, float(dims))
+            k = torch.full_like(eps, float(max(math.ceil(round(0.2 * dims, 9)), 1)))
+        return {"eta": eps.clone(), "sparsity": sparsity, "k": k}
 
-    def observe(self, s: ActiveSet, k: int, loss: Tensor) -> None:
+    def observe(self, s: _RunState, k: int, loss: Tensor) -> None:
         pass
 
-    def checkpoint(self, s: ActiveSet, window: int) -> Tensor:
-        dims = s["delta"][0].numel()
-        sparsity = self._nonzeros(s["run_best_delta"])
-        back = sparsity < 0.95 * s["sparsity"]
-        s["k"] = (sparsity / 1.5).ceil().clamp(1, dims)
-        eta = torch.where(back, s["eps"], s["eta"] / 1.5)
-        s["eta"] = torch.minimum(torch.maximum(eta, s["eps"] / 10.0), s["eps"])
-        s["sparsity"] = sparsity
+    def checkpoint(self, s: _RunState, window: int) -> Tensor:
+        dims = s.delta[0].numel()
+        sparsity = self._nonzeros(s.run_best_delta)
+        back = sparsity < 0.95 * s.sparsity
+        s.k = (sparsity / 1.5).ceil().clamp(1, dims)
+        eta = torch.where(back, s.eps, s.eta / 1.5)
+        s.eta = torch.minimum(torch.maximum(eta, s.eps / 10.0), s.eps)
+        s.sparsity = sparsity
         return back
 
-    def step(self, geometry: Geometry, s: ActiveSet, k: int) -> None:
-        s["delta"] = self._step(geometry, s["x"], s["delta"], s.pop("grad"), s["k"], s["eta"], s["eps"])
+    def step(self, geometry: Geometry, s: _RunState, k: int) -> None:
+        s.delta = self._step(geometry, s.x, s.delta, s.grad, s.k, s.eta, s.eps)
+
+
+class _Run:
+    """One APGD run of ``steps`` iterations on some samples, as the two halves of the core's loop: ``evaluate``
+    (loss, gradient and success at the iterates, the run's best point; a ``final`` run's fooled samples leave with
+    their first fooling point) and ``advance`` (the schedule's checkpoint, then its step). Iteration ``steps`` only
+    scores the last iterate: no gradient, no step."""
+
+    def __init__(self, attack: APGD, call: _Call, steps: int, final: bool) -> None:
+        self.attack, self.call, self.steps, self.final = attack, call, steps, final
+        if isinstance(attack.geometry, L1Geometry):
+            self.schedule = _SparseSchedule(call.core.step)
+        else:
+            self.schedule = _HalvingSchedule(attack.rho, attack.alpha, call.core.step)
+        self.checkpoints = self.schedule.checkpoints(steps)
+
+    def start(self, idx: Tensor, start: Tensor, eps: Tensor) -> _RunState:
+        """The state of the samples ``idx`` starting from ``start`` (projected into their balls ``eps``)."""
+        core = self.call.core
+        x = core.x32[idx]
+        delta = self.attack.geometry.project_ball_box(x, start, eps)
+        return core.start(
+            _RunState, idx, x=x, y=core.y[idx], eps=eps, delta=delta,
+            run_best_loss=torch.full_like(eps, float("-inf")), run_best_delta=delta.clone(),
+            run_best_grad=torch.zeros_like(delta), **self.call.loss_inputs(idx),
+            **self.schedule.start(eps, delta, warm=self.attack.use_largereps),
+        )  # fmt: skip
+
+    def evaluate(self, k: int, s: _RunState) -> Tensor | None:
+        last = k == self.steps
+        logits, loss, grad = self.attack._evaluate(self.call, s, with_grad=not last)
+        fooled = self.call.core.fooled(logits, s.index)
+        if self.final:  # fooled samples leave with their first fooling point
+            eot = self.attack.eot_iter
+            self.call.tracker.offer(s, s.delta, torch.where(fooled, loss, float("-inf")), fooled)
+            self.call.count(s, fooled, (k + 1) * eot, min(k + 1, self.steps) * eot)
+        improved = loss > s.run_best_loss
+        s.run_best_delta = torch.where(view_as_batch(improved, s.delta), s.delta, s.run_best_delta)
+        if not last:
+            s.grad = grad
+            s.run_best_grad = torch.where(view_as_batch(improved, grad), grad, s.run_best_grad)
+        self.schedule.observe(s, k, loss)
+        s.run_best_loss = torch.maximum(loss, s.run_best_loss)
+        s.loss = loss
+        return fooled if self.final else None
+
+    def advance(self, k: int, s: _RunState) -> None:
+        if k == self.steps:
+            return
+        if k in self.checkpoints:
+            back = self.schedule.checkpoint(s, k - s.last_checkpoint)
+            rows = view_as_batch(back, s.delta)
+            s.delta = torch.where(rows, s.run_best_delta, s.delta)
+            s.grad = torch.where(rows, s.run_best_grad, s.grad)
+            s.loss = torch.where(back, s.run_best_loss, s.loss)
+            s.last_checkpoint = k
+        self.schedule.step(self.attack.geometry, s, k)
+        s.grad = None  # taken by the step
+
+    def finish(self, s: _RunState, idx: Tensor) -> Tensor | None:
+        """Counts the passes of the samples still standing; a ``final`` run offers their best-loss points to the call
+        (kept if they beat earlier restarts) and returns ``None``, an earlier stage returns its best-loss points for
+        the samples ``idx`` (nobody left it), the next stage's start."""
+        eot = self.attack.eot_iter
+        self.call.count(s, None, (self.steps + 1) * eot, self.steps * eot)
+        if self.final:
+            standing = torch.zeros_like(s.run_best_loss, dtype=torch.bool)  # not fooled
+            self.call.tracker.offer(s, s.run_best_delta, s.run_best_loss, standing)
+            return None
+        best = torch.zeros_like(self.call.core.x32)
+        s.write(best, s.run_best_delta)
+        return best[idx]
 
 
 @register_attack(
@@ -318,7 +431,7 @@ class APGD(Attack):
         n_target_classes: APGD-T's number of target classes (AutoAttack: 9; 5 in its L1 version).
         eot_iter: passes averaged per gradient (EOT; AutoAttack's ``rand`` version: 20).
         use_largereps: l1-APGD's 3ε/2ε/ε schedule (``norm="l1"`` only; needs ``steps`` ≥ 3).
-        autocast, compile, mode, seed: see :class:`Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`).
 
     Example:
         >>> attack = APGD(norm="linf", eps=8 / 255, loss="dlr")  # doctest: +SKIP
@@ -341,12 +454,9 @@ class APGD(Attack):
         n_target_classes: int = 9,
         eot_iter: int = 1,
         use_largereps: bool = False,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
         if eps < 0:
@@ -412,24 +522,30 @@ class APGD(Attack):
                 f"largest logit), but the model has {num_classes}. Use loss='ce' instead."
             )
 
-    def _loss(self, logits: Tensor, state: ActiveSet, loss: str) -> Tensor:
-        """The per-sample loss to ascend for the active samples in ``state``: ``loss`` is ``"ce"``, ``"dlr"``,
-        ``"dlr-targeted"`` (towards ``state["target"]``) or ``"mixed"`` (each row's own, DLR where ``state["dlr"]``;
-        the other loss gets a zero gradient on that row)."""
+    def _loss(self, logits: Tensor, s: _RunState, loss: str) -> Tensor:
+        """The per-sample loss to ascend for the samples of ``s``: ``loss`` is ``"ce"``, ``"dlr"``,
+        ``"dlr-targeted"`` (towards ``s.target``) or ``"mixed"`` (each row's own, DLR where ``s.dlr``; the other loss
+        gets a zero gradient on that row)."""
         if loss == "mixed":
-            return torch.where(state["dlr"], self._loss(logits, state, "dlr"), self._loss(logits, state, "ce"))
+            return torch.where(s.dlr, self._loss(logits, s, "dlr"), self._loss(logits, s, "ce"))
         self._check_classes(logits.shape[1], loss)
         if loss == "ce":
-            ce = cross_entropy(logits, state["y"])
+            ce = cross_entropy(logits, s.y)
             return -ce if self.targeted else ce
         if loss == "dlr-targeted":
-            return targeted_dlr_loss(logits, state["y"], state["target"])
+            return targeted_dlr_loss(logits, s.y, s.target)
         if self.targeted:
-            return targeted_dlr_loss(logits, state["clean"], state["y"])
-        return dlr_loss(logits, state["y"])
+            return targeted_dlr_loss(logits, s.clean, s.y)
+        return dlr_loss(logits, s.y)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
-        return self._run(model, inputs, labels, self.budget(eps, inputs), [(self.loss, inputs.shape[0], generator)])
+        return self.run_on(self.core(model, inputs, labels), self.budget(eps, inputs), generator)
+
+    def run_on(self, core: AttackCore, eps: Tensor, generator: torch.Generator | None = None) -> AttackResult:
+        """The attack on the batch of ``core``, a core the caller built (its model, options and active-set mode: a
+        surrogate's, see :class:`~advtrain.attacks.Transfer`), with (B,) budgets ``eps``; the model must be in the
+        attack's mode already."""
+        return self._run(core, eps, [(self.loss, core.batch, generator)])
 
     def call_fused(
         self,
@@ -475,66 +591,62 @@ class APGD(Attack):
         # Each segment draws from its own generator, seeded as its own call would be.
         parts = [(a.loss, n, a.generator(inputs.device)) for (a, _), n in zip(segments, sizes, strict=True)]
         with attack_context(model, self.mode):
-            return self._run(model, inputs, labels, self.budget(eps, inputs), parts)
+            return self._run(self.core(model, inputs, labels), self.budget(eps, inputs), parts)
 
     def _run(
-        self,
-        model: nn.Module,
-        inputs: Tensor,
-        labels: Tensor,
-        eps_t: Tensor,
-        segments: Sequence[tuple[str, int, torch.Generator | None]],
+        self, core: AttackCore, eps_t: Tensor, segments: Sequence[tuple[str, int, torch.Generator | None]]
     ) -> AttackResult:
-        """The attack on a batch of consecutive segments ``(loss, rows, generator)`` (one for a plain call)."""
-        core = self.core(model, inputs, labels)
-        x, batch, device = core.x, core.batch, core.device
-        bounds = torch.tensor([0, *[n for _, n, _ in segments]], device=device).cumsum(0)
-        losses = {loss for loss, n, _ in segments if n > 0}
-        kind = losses.pop() if len(losses) == 1 else "mixed"
-        dlr = torch.cat([torch.full((n,), loss == "dlr", device=device) for loss, n, _ in segments])
-        call = _Call(
-            core, eps_t, kind, {}, best_delta=torch.zeros_like(x, dtype=torch.float32),
-            best_loss=torch.full((batch,), float("-inf"), device=device),
-            success=torch.zeros(batch, dtype=torch.bool, device=device),
-            forward_rows=torch.zeros(batch, dtype=torch.long, device=device),
-            backward_rows=torch.zeros(batch, dtype=torch.long, device=device),
-        )  # fmt: skip
-        if kind == "mixed":
-            call.extras["dlr"] = dlr
-        if self.targeted and kind != "ce" and bool(dlr.any()):
-            rows = dlr.nonzero().squeeze(1)
-            clean_logits = self._clean_logits(call, rows)
-            self._check_classes(clean_logits.shape[1], "dlr")
-            call.extras["clean"] = core.y.clone()  # CE rows never read it
-            call.extras["clean"][rows] = clean_logits.argmax(dim=1)
-
-        targets = self._target_classes(call) if kind == "dlr-targeted" else [None]
+        """The attack on the batch of ``core``, consecutive segments ``(loss, rows, generator)`` (one for a plain
+        call)."""
+        call = self._call(core, segments)
+        bounds = torch.tensor([0, *[n for _, n, _ in segments]], device=call.core.device).cumsum(0)
+        targets = self._target_classes(call) if call.kind == "dlr-targeted" else [None]
         first_eps = eps_t * self._stages[0][0]
         for target in targets:
-            if target is not None:
-                call.extras["target"] = target
+            call.target = target
             for _ in range(self.restarts):
-                idx = (~call.success).nonzero().squeeze(1)
+                idx = (~call.tracker.success).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
                 # Each segment draws its random starts from its own generator, as its own call would.
                 segment = torch.bucketize(idx, bounds[1:], right=True)
                 start = torch.cat([
-                    self.geometry.sample_ball_box(core.x32[part], first_eps[part], generator)
+                    self.geometry.sample_ball_box(call.core.x32[part], first_eps[part], generator)
                     for s, (_, _, generator) in enumerate(segments)
                     if (part := idx[segment == s]).numel()
                 ])  # fmt: skip
                 for number, (factor, steps) in enumerate(self._stages):
                     final = number == len(self._stages) - 1
                     start = self._single_run(call, idx, start, eps_t[idx] * factor, steps, final)
+        x, tracker = call.core.x, call.tracker
         extra = {"forward_passes": call.forward_rows, "backward_passes": call.backward_rows}
-        return core.result(x + call.best_delta.to(x.dtype), call.success, self.geometry.measure, extra)
+        return call.core.result(x + tracker.best_delta.to(x.dtype), tracker.success, self.geometry.measure, extra)
+
+    def _call(self, core: AttackCore, segments: Sequence[tuple[str, int, torch.Generator | None]]) -> _Call:
+        """The shared state of a call on ``segments``: its loss (``"mixed"`` when the segments' differ) and, for a
+        targeted DLR, the true classes (the clean predictions: one forward pass of the DLR rows)."""
+        losses = {loss for loss, n, _ in segments if n > 0}
+        kind = losses.pop() if len(losses) == 1 else "mixed"
+        counts = torch.zeros(core.batch, dtype=torch.long, device=core.device)
+        call = _Call(core, kind, MaxLossTracker(core.x), forward_rows=counts, backward_rows=counts.clone())
+        dlr = torch.cat([torch.full((n,), loss == "dlr", device=core.device) for loss, n, _ in segments])
+        if kind == "mixed":
+            call.dlr = dlr
+        if self.targeted and kind != "ce" and bool(dlr.any()):
+            rows = dlr.nonzero().squeeze(1)
+            clean_logits = self._clean_logits(call, rows)
+            self._check_classes(clean_logits.shape[1], "dlr")
+            call.clean = core.y.clone()  # CE rows never read it
+            call.clean[rows] = clean_logits.argmax(dim=1)
+        return call
 
     def _clean_logits(self, call: _Call, rows: Tensor) -> Tensor:
-        """The (EOT-mean) logits of the clean inputs ``rows``, passes counted."""
-        logits = self._mean(lambda: (call.core.forward(call.core.x[rows]),))[0]
+        """The (EOT-mean) logits of the clean inputs ``rows``, passes counted (masked: a pass on the whole batch)."""
+        core = call.core
+        points = core.start(_Points, rows, x=core.x[rows])
+        logits = self._mean(lambda: (core.forward(points.x),))[0]
         call.forward_rows[rows] += self.eot_iter
-        return logits
+        return logits[rows] if points.masked else logits
 
     def _target_classes(self, call: _Call) -> list[Tensor]:
         """APGD-T's targets: per sample, its classes other than the label by decreasing clean logit, the first
@@ -566,17 +678,17 @@ class APGD(Attack):
             )
         return tuple(None if t is None else (t / self.eot_iter).float() for t in total)
 
-    def _evaluate(self, call: _Call, s: ActiveSet, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Logits, loss and (``with_grad``) gradient at the active samples' iterates, EOT-averaged."""
+    def _evaluate(self, call: _Call, s: _RunState, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits, loss and (``with_grad``) gradient at the iterates of ``s``, EOT-averaged."""
         core = call.core
 
         def once() -> tuple[Tensor, Tensor, Tensor | None]:
             if with_grad:
                 logits, loss, grad, _ = core.value_and_grad(
-                    s["delta"], lambda d: s["x"] + d, lambda z: self._loss(z, s, call.kind)
+                    s.delta, lambda d: s.x + d, lambda z: self._loss(z, s, call.kind)
                 )
                 return logits, loss, grad
-            logits = core.forward(s["x"] + s["delta"])
+            logits = core.forward(s.x + s.delta)
             return logits, self._loss(logits, s, call.kind), None
 
         return self._mean(once)
@@ -584,81 +696,15 @@ class APGD(Attack):
     def _single_run(
         self, call: _Call, idx: Tensor, start: Tensor, eps: Tensor, steps: int, final: bool
     ) -> Tensor | None:
-        """One APGD run of ``steps`` iterations on the samples ``idx`` from the points ``start`` in budgets ``eps``.
+        """One APGD run of ``steps`` iterations on the samples ``idx`` from the points ``start`` in budgets ``eps``
+        (see :class:`_Run`).
 
-        A ``final`` run (every run but the first two stages of ``use_largereps``) writes fooled points and best-loss
-        points into ``call``, and its fooled samples leave as they are found; an earlier stage fools nothing (its ball
-        is larger than the budget) and returns its largest-loss points, the next stage's start. Passes are counted
-        into ``call`` either way.
+        A ``final`` run (every run but the first two stages of ``use_largereps``) offers fooled points and best-loss
+        points to the call's tracker, and its fooled samples leave as they are found; an earlier stage fools nothing
+        (its ball is larger than the budget) and returns its largest-loss points, the next stage's start. Passes are
+        counted into ``call`` either way.
         """
-        geometry, core, eot = self.geometry, call.core, self.eot_iter
-        schedule = (
-            _SparseSchedule(core.step)
-            if isinstance(geometry, L1Geometry)
-            else _HalvingSchedule(self.rho, self.alpha, core.step)
-        )
-        checkpoints = schedule.checkpoints(steps)
-        previous_checkpoint = [0]
-        x = core.x32[idx]
-        n = idx.numel()
-        delta = geometry.project_ball_box(x, start, eps)
-        # Per-sample state of the active samples; the core compacts it whenever samples get fooled.
-        s = ActiveSet(
-            idx, x=x, y=core.y[idx], eps=eps, delta=delta,
-            run_best_loss=torch.full((n,), float("-inf"), device=x.device), run_best_delta=delta.clone(),
-            run_best_grad=torch.zeros_like(delta), **{k: v[idx] for k, v in call.extras.items()},
-        )  # fmt: skip
-        schedule.start(s, warm=self.use_largereps)
-
-        def body(k: int, s: ActiveSet) -> Tensor | None:
-            last = k == steps  # the final iterate is only scored: no gradient, no step
-            logits, loss, grad = self._evaluate(call, s, with_grad=not last)
-            if not last:
-                s["grad"] = grad
-            fooled = core.fooled(logits, s.index)
-            # Fooled samples leave with their first fooling point; the one host sync of the iteration.
-            if final and bool(fooled.any()):
-                done = s.index[fooled]
-                call.forward_rows[done] += (k + 1) * eot
-                call.backward_rows[done] += min(k + 1, steps) * eot
-                call.best_delta[done] = s["delta"][fooled]
-                call.best_loss[done] = loss[fooled]
-                call.success[done] = True
-                s.keep(~fooled)
-                loss = loss[~fooled]
-                if len(s) == 0:
-                    return None
-
-            # Best point of this run: the restart target of the step-size schedule.
-            improved = view_as_batch(loss > s["run_best_loss"], s["delta"])
-            s["run_best_delta"] = torch.where(improved, s["delta"], s["run_best_delta"])
-            if not last:
-                s["run_best_grad"] = torch.where(improved, s["grad"], s["run_best_grad"])
-            schedule.observe(s, k, loss)
-            s["run_best_loss"] = torch.maximum(loss, s["run_best_loss"])
-            s["loss"] = loss
-            if last:
-                return None
-
-            if k in checkpoints:
-                back = schedule.checkpoint(s, k - previous_checkpoint[0])
-                rows = view_as_batch(back, s["delta"])
-                s["delta"] = torch.where(rows, s["run_best_delta"], s["delta"])
-                s["grad"] = torch.where(rows, s["run_best_grad"], s["grad"])
-                s["loss"] = torch.where(back, s["run_best_loss"], s["loss"])
-                previous_checkpoint[0] = k
-
-            schedule.step(geometry, s, k)
-            return None
-
-        core.loop(s, steps + 1, body)
-        call.forward_rows[s.index] += (steps + 1) * eot
-        call.backward_rows[s.index] += steps * eot
-        if not final:
-            return s["run_best_delta"]  # nobody left: the rows are still those of idx
-        # Samples still standing: keep this run's best-loss point if it beats earlier restarts.
-        better = s["run_best_loss"] > call.best_loss[s.index]
-        upd = s.index[better]
-        call.best_delta[upd] = s["run_best_delta"][better]
-        call.best_loss[upd] = s["run_best_loss"][better]
-        return None
+        run = _Run(self, call, steps, final)
+        state = run.start(idx, start, eps)
+        call.core.loop(state, steps + 1, run.evaluate, run.advance)
+        return run.finish(state, idx)

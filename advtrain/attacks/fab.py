@@ -8,6 +8,7 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,8 +16,9 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet, AttackCore
+from advtrain.engine.core import AttackCore
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
 from advtrain.engine.tracking import MinimalNormTracker
 from advtrain.threat.hyperplane import HyperplaneProjection, hyperplane_projection
 from advtrain.threat.norms import Norm, view_as_batch
@@ -36,10 +38,26 @@ def _fab_step(
     return ((point + eta * to_plane) * (1.0 - a) + (origin + eta * from_origin) * a).clamp(0.0, 1.0)
 
 
-def _offer(tracker: MinimalNormTracker, index: Tensor, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
-    """``tracker.update`` for the samples ``index`` without a host sync: rows are selected, not masked out."""
+@dataclass(eq=False)
+class _FABState(SampleState):
+    """Per-sample state of a FAB run (the samples still under attack, or, masked, all with a mask)."""
+
+    x: Tensor  # the iterate
+    x0: Tensor  # the original point
+    y: Tensor  # the label (targeted: the target)
+    t: Tensor | None = None  # FAB-T's target
+    eps: Tensor | None = None  # the budget, when there is one
+    new: Tensor | None = None  # the iteration's new point (evaluated, then stepped from)
+    fooled: Tensor | None = None  # whether the new point fools
+
+
+def _offer(tracker: MinimalNormTracker, s: SampleState, adv: Tensor, norms: Tensor, fooled: Tensor) -> None:
+    """``tracker.offer`` without a host sync: the rows of ``s`` are selected, not masked out."""
+    index = s.index
     best = tracker.best_norm[index]
     better = fooled & (norms < best)
+    if s.masked:
+        better = better & s.active
     tracker.best_norm[index] = torch.where(better, norms.float(), best)
     kept = tracker.best_adv[index]
     tracker.best_adv[index] = torch.where(view_as_batch(better, adv), adv.to(kept.dtype), kept)
@@ -126,7 +144,8 @@ class FAB(Attack):
         alpha_max: α_max, the largest weight of the step from the original point (official 0.1).
         eta: η, the overshoot of both projections (official 1.05).
         beta: β, the backward step towards the original point after a success (official 0.9).
-        autocast, compile, mode, seed: see :class:`~advtrain.attacks.base.Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see
+            :class:`~advtrain.attacks.base.Attack`).
 
     Example:
         >>> attack = FAB(norm="linf", n_target_classes=9, eps=8 / 255)  # doctest: +SKIP
@@ -146,12 +165,9 @@ class FAB(Attack):
         alpha_max: float = 0.1,
         eta: float = 1.05,
         beta: float = 0.9,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         if restarts < 1:
@@ -219,10 +235,11 @@ class FAB(Attack):
         random_start: bool,
         generator: torch.Generator | None,
     ) -> None:
-        """One FAB run of ``steps`` iterations on the samples ``index`` (see the class docstring)."""
+        """One FAB run of ``steps`` iterations on the samples ``index`` (see the class docstring): each iteration
+        linearises at the iterate, evaluates the new point (``evaluate``: tracking; with a budget, the samples with a
+        success within ε are done), then moves there (``advance``)."""
         projection = self.projection
         x0 = core.x32[index]
-        y = core.y[index]
         start = x0
         if random_start:
             radius = (
@@ -231,50 +248,52 @@ class FAB(Attack):
                 else tracker.best_norm[index].clamp_max(_DEFAULT_RESTART_EPS[projection.norm])
             )
             start = (x0 + projection.sphere(x0, radius / 2.0, generator)).clamp(0.0, 1.0)
-        state = {"x": start, "x0": x0, "y": y}
-        if target is not None:
-            state["t"] = target[index]
-        if budget is not None:
-            state["eps"] = budget[index]
-        active = ActiveSet(index, **state)
+        state = core.start(_FABState, index, x=start, x0=x0, y=core.y[index],
+                           t=None if target is None else target[index],
+                           eps=None if budget is None else budget[index])  # fmt: skip
         step = core.step(_fab_step)
         eta = torch.full((), self.eta, device=core.device)
 
-        def body(k: int, s: ActiveSet) -> Tensor | None:
+        def evaluate(k: int, s: _FABState) -> Tensor | None:
             with torch.enable_grad():
-                point = s["x"].detach().requires_grad_(True)
+                point = s.x.detach().requires_grad_(True)
                 values = self._boundaries(core.logits(point), s)
                 normals = core.jacobian(values, point)
-            values = values.detach()
-            closest = projection.distance(values, normals).argmin(dim=1)
-            rows = torch.arange(len(s), device=values.device)
-            f, w = values[rows, closest], normals[rows, closest]
-            xk, origin = s["x"], s["x0"]
-            # The same hyperplane seen from x (value f) and from x_orig (value f + ⟨w, x_orig − x⟩): one batched call.
-            at_origin = f + (w * (origin - xk)).flatten(1).sum(dim=1)
-            steps = projection.project(torch.cat([xk, origin]), torch.cat([w, w]), torch.cat([f, at_origin]))
-            to_plane, from_origin = steps.split(len(s))
-            n_plane = projection.measure(to_plane).clamp_min(_FLOOR)
-            n_origin = projection.measure(from_origin).clamp_min(_FLOOR)
-            alpha = (n_plane / (n_plane + n_origin)).clamp_max(self.alpha_max)
-            new = step(xk, origin, to_plane, from_origin, alpha, eta)
-
-            fooled = core.fooled(core.forward(new), s.index)
-            norms = projection.measure(new - origin)
-            counts = fooled if budget is None else fooled & (norms <= s["eps"])
-            _offer(tracker, s.index, new, norms, counts)
-            s["x"] = torch.where(view_as_batch(fooled, new), origin + self.beta * (new - origin), new)
+            s.new = self._new_point(s, values.detach(), normals, step, eta)
+            s.fooled = core.fooled(core.forward(s.new), s.index)
+            norms = projection.measure(s.new - s.x0)
+            _offer(tracker, s, s.new, norms, s.fooled if budget is None else s.fooled & (norms <= s.eps))
             return None if budget is None else tracker.success[s.index]
 
-        core.loop(active, self.steps, body)
+        def advance(k: int, s: _FABState) -> None:
+            s.x = torch.where(view_as_batch(s.fooled, s.new), s.x0 + self.beta * (s.new - s.x0), s.new)
 
-    def _boundaries(self, logits: Tensor, s: ActiveSet) -> Tensor:
+        core.loop(state, self.steps, evaluate, advance)
+
+    def _new_point(self, s: _FABState, values: Tensor, normals: Tensor, step, eta: Tensor) -> Tensor:
+        """FAB's new point from the linearisation (``values`` (n, K) and their gradients ``normals``) at ``s.x``:
+        the closest boundary's hyperplane, projected onto from x and from x_orig, the two mixed by the bias α."""
+        projection = self.projection
+        closest = projection.distance(values, normals).argmin(dim=1)
+        rows = torch.arange(values.shape[0], device=values.device)
+        f, w = values[rows, closest], normals[rows, closest]
+        xk, origin = s.x, s.x0
+        # The same hyperplane seen from x (value f) and from x_orig (value f + ⟨w, x_orig − x⟩): one batched call.
+        at_origin = f + (w * (origin - xk)).flatten(1).sum(dim=1)
+        steps = projection.project(torch.cat([xk, origin]), torch.cat([w, w]), torch.cat([f, at_origin]))
+        to_plane, from_origin = steps.split(xk.shape[0])
+        n_plane = projection.measure(to_plane).clamp_min(_FLOOR)
+        n_origin = projection.measure(from_origin).clamp_min(_FLOOR)
+        alpha = (n_plane / (n_plane + n_origin)).clamp_max(self.alpha_max)
+        return step(xk, origin, to_plane, from_origin, alpha, eta)
+
+    def _boundaries(self, logits: Tensor, s: _FABState) -> Tensor:
         """(n, K) logit differences whose zero sets are the boundaries of this variant (see the class docstring)."""
         if self.n_target_classes is not None:  # FAB-T: the target against the true label
-            return logits.gather(1, s["t"][:, None]) - logits.gather(1, s["y"][:, None])
+            return logits.gather(1, s.t[:, None]) - logits.gather(1, s.y[:, None])
         if self.targeted:  # the target against the strongest other class here
-            rival = logits.detach().scatter(1, s["y"][:, None], float("-inf")).argmax(dim=1, keepdim=True)
-            return logits.gather(1, s["y"][:, None]) - logits.gather(1, rival)
+            rival = logits.detach().scatter(1, s.y[:, None], float("-inf")).argmax(dim=1, keepdim=True)
+            return logits.gather(1, s.y[:, None]) - logits.gather(1, rival)
         num_classes = logits.shape[1]
-        others = (s["y"][:, None] + torch.arange(1, num_classes, device=logits.device)) % num_classes
-        return logits.gather(1, others) - logits.gather(1, s["y"][:, None])
+        others = (s.y[:, None] + torch.arange(1, num_classes, device=logits.device)) % num_classes
+        return logits.gather(1, others) - logits.gather(1, s.y[:, None])

@@ -9,7 +9,7 @@ Reference:
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import AttackKind, AttackSpec, register_attack
-from advtrain.engine.core import ActiveSet
+from advtrain.engine.core import AttackCore
 from advtrain.engine.losses import margin_loss
 from advtrain.engine.result import AttackResult
+from advtrain.engine.state import SampleState
+from advtrain.engine.tracking import MaxLossTracker
 from advtrain.threat.geometry import geometry_for
 from advtrain.threat.norms import Norm, clip_to_box, flat_norm, view_as_batch
 
@@ -57,6 +59,44 @@ def square_pattern(side: int, transpose: bool, device=None) -> Tensor:
     if transpose:
         eta = eta.T
     return eta / eta.norm().clamp_min(_TINY)
+
+
+@dataclass(eq=False)
+class _SquareState(SampleState):
+    """Per-sample state of a Square run (the samples still under attack, or, masked, all with a mask)."""
+
+    x: Tensor
+    eps: Tensor
+    delta: Tensor  # the accepted perturbation
+    candidate: Tensor  # the perturbation queried next
+    loss: Tensor  # the margin loss of delta (+inf before the first query)
+
+
+class _Draws:
+    """The random integers of a run's updates, one row per row of ``state``, from the call's generator. In the
+    masked mode the active rows get exactly what shrinking draws (one row per active sample, in order; see
+    :meth:`SampleState.rand`), the others zeros."""
+
+    def __init__(self, state: SampleState, generator: torch.Generator | None) -> None:
+        self.state, self.generator = state, generator
+
+    def ints(self, high: int, *shape: int) -> Tensor:
+        """Uniform integers in [0, high), shape (rows, *shape)."""
+        s = self.state
+        values = torch.randint(0, high, (s.count, *shape), device=s.index.device, generator=self.generator)
+        if not s.masked:
+            return values
+        out = values.new_zeros((s.index.shape[0], *shape))
+        out[s.active] = values
+        return out
+
+    def signs(self, *shape: int) -> Tensor:
+        """Random ±1 (float), shape (rows, *shape)."""
+        return self.ints(2, *shape).float() * 2.0 - 1.0
+
+    def flag(self) -> bool:
+        """One fair coin for the whole batch (a host read)."""
+        return bool(torch.randint(0, 2, (1,), device=self.state.index.device, generator=self.generator))
 
 
 @register_attack(
@@ -104,9 +144,8 @@ class Square(Attack):
             code's option); ``False`` (AutoAttack's setting) keeps them at their iteration numbers.
         restarts: independent runs; later runs only attack samples not yet fooled.
         targeted: ``labels`` are targets to reach.
-        autocast: run the model in ``"bf16"`` or ``"fp16"`` autocast (scores come back in float32).
-        compile: use the ``torch.compile``-d box clipping of the candidates.
-        mode, seed: see :class:`Attack`.
+        options: ``autocast``, ``compile`` (the ``torch.compile``-d box clipping of the candidates), ``mode``,
+            ``seed``, shared by every attack (see :class:`Attack`).
 
     Example:
         >>> attack = Square(norm="linf", eps=8 / 255, steps=1000, seed=0)  # doctest: +SKIP
@@ -123,12 +162,9 @@ class Square(Attack):
         rescale_schedule: bool = False,
         restarts: int = 1,
         targeted: bool = False,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}.")
         if eps < 0:
@@ -156,62 +192,53 @@ class Square(Attack):
         if core.x.ndim != 4:
             raise ValueError(f"Square attack needs image batches of shape (B, C, H, W), got {tuple(inputs.shape)}.")
         eps_t = self.budget(eps, core.x)
-        best = {
-            "delta": torch.zeros_like(core.x32),
-            "loss": torch.full((core.batch,), float("inf"), device=core.device),
-            "success": torch.zeros(core.batch, dtype=torch.bool, device=core.device),
-        }
-        clip = core.step(clip_to_box)
-        height, width = core.x.shape[-2:]
+        # Per sample a fooling point, else the lowest margin loss over the restarts: the tracker maximises −loss.
+        tracker = MaxLossTracker(core.x)
         for _ in range(self.restarts):
-            idx = (~best["success"]).nonzero().squeeze(1)
+            idx = (~tracker.success).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            xs, es = core.x32[idx], eps_t[idx]
-            delta = clip(xs, self._init(xs, es, generator))
-            loss, fooled = self._query(core, xs, delta, idx)
-            self._record(best, idx, delta, loss, fooled)
-            keep = ~fooled
-            active = ActiveSet(idx[keep], x=xs[keep], eps=es[keep], delta=delta[keep], loss=loss[keep])
+            self._single_run(core, tracker, idx, eps_t[idx], generator)
+        return core.result(core.x32 + tracker.best_delta, tracker.success, self.geometry.measure)
 
-            def body(i: int, a: ActiveSet) -> Tensor:
-                update = {Norm.LINF: self._linf_update, Norm.L2: self._l2_update,
-                          Norm.L1: functools.partial(self._l1_update, a["x"])}[self.geometry.norm]  # fmt: skip
-                candidate = clip(a["x"], update(a["delta"], a["eps"], self.side(i, height, width), generator))
-                new_loss, new_fooled = self._query(core, a["x"], candidate, a.index)
-                accept = (new_loss < a["loss"]) | new_fooled
-                a["delta"] = torch.where(view_as_batch(accept, candidate), candidate, a["delta"])
-                a["loss"] = torch.where(accept, new_loss, a["loss"])
-                self._record(
-                    best, a.index[new_fooled], a["delta"][new_fooled], a["loss"][new_fooled], new_fooled[new_fooled]
-                )
-                return new_fooled
+    def _single_run(
+        self, core: AttackCore, tracker: MaxLossTracker, idx: Tensor, eps: Tensor, generator: torch.Generator | None
+    ) -> None:
+        """One run on the samples ``idx``: the initial query, then ``steps`` candidates, each queried and accepted
+        if it lowers the margin loss (or fools). Iteration 0 of the loop queries the initialisation; iteration k > 0
+        the candidate drawn after iteration k − 1."""
+        clip = core.step(clip_to_box)
+        xs = core.x32[idx]
+        delta = clip(xs, self._init(xs, eps, generator))
+        state = core.start(_SquareState, idx, x=xs, eps=eps, delta=delta, candidate=delta,
+                           loss=torch.full_like(eps, float("inf")))  # fmt: skip
+        draws, (height, width) = _Draws(state, generator), xs.shape[-2:]
+        update = {Norm.LINF: self._linf_update, Norm.L2: self._l2_update, Norm.L1: self._l1_update}[self.geometry.norm]
 
-            core.loop(active, self.steps, body)
-            if len(active):
-                self._record(
-                    best,
-                    active.index,
-                    active["delta"],
-                    active["loss"],
-                    torch.zeros_like(active.index, dtype=torch.bool),
-                )
-        return core.result(core.x32 + best["delta"], best["success"], self.geometry.measure)
+        def evaluate(k: int, s: _SquareState) -> Tensor:
+            loss, fooled = self._query(core, s.x + s.candidate, s.index)
+            accept = torch.ones_like(fooled) if k == 0 else (loss < s.loss) | fooled
+            s.delta = torch.where(view_as_batch(accept, s.candidate), s.candidate, s.delta)
+            s.loss = torch.where(accept, loss, s.loss)
+            # The initial points all compete for the best point; later only the fooling ones (the rest is scored
+            # at the end of the run: the loss only falls within a run).
+            offered = -s.loss if k == 0 else torch.where(fooled, -s.loss, float("-inf"))
+            tracker.offer(s, s.delta, offered, fooled)
+            return fooled
 
-    def _query(self, core, points_x: Tensor, delta: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        def advance(k: int, s: _SquareState) -> None:
+            if k < self.steps:
+                s.candidate = clip(s.x, update(s, self.side(k, height, width), draws))
+
+        core.loop(state, self.steps + 1, evaluate, advance)
+        if len(state):
+            tracker.offer(state, state.delta, -state.loss, torch.zeros_like(state.loss, dtype=torch.bool))
+
+    def _query(self, core: AttackCore, points: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Margin loss to lower (z_y − max_{j≠y} z_j; targeted: max_{j≠t} z_j − z_t) and success, one forward each."""
-        logits = core.forward(points_x + delta)
+        logits = core.forward(points)
         margin = margin_loss(logits, core.y[index])
         return (margin if self.targeted else -margin), core.fooled(logits, index)
-
-    @staticmethod
-    def _record(best: dict[str, Tensor], index: Tensor, delta: Tensor, loss: Tensor, fooled: Tensor) -> None:
-        """Keeps, per sample, a fooling point or else the lowest-loss point seen over the restarts."""
-        better = fooled | (loss < best["loss"][index])
-        upd = index[better]
-        best["delta"][upd] = delta[better]
-        best["loss"][upd] = loss[better]
-        best["success"][upd] = fooled[better]
 
     def _init(self, xs: Tensor, eps: Tensor, generator) -> Tensor:
         if self.geometry.norm is Norm.L1:
@@ -233,35 +260,37 @@ class Square(Attack):
         return torch.randint(0, 2, shape, device=device, generator=generator).float() * 2.0 - 1.0
 
     @staticmethod
-    def _window(n: int, h: int, height: int, width: int, device, generator) -> tuple[Tensor, Tensor, Tensor]:
+    def _window(draws: _Draws, h: int, height: int, width: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """Per-sample random h × h windows: their (n, 1, H, W) mask and top-left corners."""
-        r = torch.randint(0, height - h + 1, (n,), device=device, generator=generator)
-        s = torch.randint(0, width - h + 1, (n,), device=device, generator=generator)
+        r = draws.ints(height - h + 1)
+        s = draws.ints(width - h + 1)
         rows = torch.arange(height, device=device)[None]
         cols = torch.arange(width, device=device)[None]
         in_r = (rows >= r[:, None]) & (rows < r[:, None] + h)
         in_c = (cols >= s[:, None]) & (cols < s[:, None] + h)
         return (in_r[:, :, None] & in_c[:, None, :])[:, None], r, s
 
-    def _linf_update(self, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+    def _linf_update(self, state: _SquareState, h: int, draws: _Draws) -> Tensor:
+        delta, eps = state.delta, state.eps
         n, channels, height, width = delta.shape
-        mask, _, _ = self._window(n, h, height, width, delta.device, generator)
-        values = self._signs((n, channels, 1, 1), delta.device, generator) * view_as_batch(eps, delta)
+        mask, _, _ = self._window(draws, h, height, width, delta.device)
+        values = draws.signs(channels, 1, 1) * view_as_batch(eps, delta)
         return torch.where(mask, values, delta)
 
-    def _l2_update(self, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+    def _l2_update(self, state: _SquareState, h: int, draws: _Draws) -> Tensor:
+        delta, eps = state.delta, state.eps
         n, channels, height, width = delta.shape
         device = delta.device
-        w1, r, s = self._window(n, h, height, width, device, generator)
-        w2, _, _ = self._window(n, h, height, width, device, generator)
-        transpose = bool(torch.randint(0, 2, (1,), device=device, generator=generator))
+        w1, r, s = self._window(draws, h, height, width, device)
+        w2, _, _ = self._window(draws, h, height, width, device)
+        transpose = draws.flag()
         eta = square_pattern(h, transpose, device)
         # η* placed at each sample's W1, times a random sign per channel.
         canvas = torch.zeros(n, height, width, device=device)
         span = torch.arange(h, device=device)
         canvas[torch.arange(n, device=device)[:, None, None], (r[:, None] + span)[:, :, None],
                (s[:, None] + span)[:, None, :]] = eta  # fmt: skip
-        rho = self._signs((n, channels, 1, 1), device, generator)
+        rho = draws.signs(channels, 1, 1)
         unused = (eps**2 - flat_norm(delta, 2.0) ** 2).clamp_min(0.0)
         union = w1 | w2
         per_channel = lambda t: t.flatten(2).norm(dim=2)[..., None, None]  # noqa: E731 - (n, C, 1, 1) norms
@@ -293,25 +322,26 @@ class Square(Attack):
         delta = signs[:, :, tile_r[:, None], tile_c[None, :]] * torch.where(inside, values, torch.zeros_like(values))
         return self.geometry.project_ball_box(xs, delta, eps)
 
-    def _l1_update(self, x: Tensor, delta: Tensor, eps: Tensor, h: int, generator) -> Tensor:
+    def _l1_update(self, state: _SquareState, h: int, draws: _Draws) -> Tensor:
         """The L1 update (Croce & Hein 2021; details from AutoAttack's ``square.py``): an odd window side of at least 3;
         windows W1 and W2; per channel, δ on W1 becomes ±η_ℓ1 (:func:`l1_square_pattern`, random sign per channel) plus
         W1's current content (each of unit ℓ1 norm), rescaled to the channel's ℓ1 mass on W1 ∪ W2 plus its share of the
         unused budget, times the number of channels as AutoAttack's code has it; W2 is zeroed; then the exact projection
         onto ℓ1 ball ∩ box (the over-full window is shrunk back with everything else). AutoAttack projects onto the ball
         of radius ε·(1 − 10⁻⁶); here onto ε, which the projection meets up to float rounding."""
+        x, delta, eps = state.x, state.delta, state.eps
         n, channels, height, width = delta.shape
         device = delta.device
         side = max(h, 3)
         side = min(side + 1 if side % 2 == 0 else side, height, width)
-        w1, r, s = self._window(n, side, height, width, device, generator)
-        w2, _, _ = self._window(n, side, height, width, device, generator)
-        transpose = bool(torch.randint(0, 2, (1,), device=device, generator=generator))
+        w1, r, s = self._window(draws, side, height, width, device)
+        w2, _, _ = self._window(draws, side, height, width, device)
+        transpose = draws.flag()
         canvas = torch.zeros(n, height, width, device=device)
         span = torch.arange(side, device=device)
         canvas[torch.arange(n, device=device)[:, None, None], (r[:, None] + span)[:, :, None],
                (s[:, None] + span)[:, None, :]] = l1_square_pattern(side, transpose, device)  # fmt: skip
-        rho = self._signs((n, channels, 1, 1), device, generator)
+        rho = draws.signs(channels, 1, 1)
         l1 = lambda t: t.abs().flatten(2).sum(dim=2)[..., None, None]  # noqa: E731 - (n, C, 1, 1) per-channel ℓ1
         on_w1 = delta * w1
         direction = rho * canvas[:, None] + on_w1 / (l1(on_w1) + _TINY)

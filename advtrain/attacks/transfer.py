@@ -65,7 +65,8 @@ class Transfer(Attack):
         samples: k, noise draws of the surrogate.
         sigma: noise standard deviation per input coordinate; default ``None``: ε / (2‖1‖), i.e. half the
             per-coordinate size of a perturbation of norm ε spread evenly (ε/2 for L∞, ε/(2√d) for L2, d inputs).
-        autocast, compile, mode, seed: see :class:`Attack`.
+        options: ``autocast``, ``compile``, ``mode``, ``seed``, shared by every attack (see :class:`Attack`); the
+            inner APGD runs with them.
     """
 
     def __init__(
@@ -77,12 +78,9 @@ class Transfer(Attack):
         loss: Literal["ce", "dlr"] = "dlr",
         samples: int = 8,
         sigma: float | None = None,
-        autocast: Literal["bf16", "fp16"] | None = None,
-        compile: bool = False,
-        mode: Literal["eval", "train"] = "eval",
-        seed: int | None = None,
+        **options,
     ) -> None:
-        super().__init__(mode=mode, seed=seed, autocast=autocast, compile=compile)
+        super().__init__(**options)
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}.")
         if sigma is not None and sigma < 0:
@@ -94,8 +92,7 @@ class Transfer(Attack):
         self.loss = loss
         self.samples = int(samples)
         self.sigma = None if sigma is None else float(sigma)
-        self._inner = APGD(norm=norm, eps=eps, steps=steps, loss=loss, autocast=autocast, compile=compile,
-                           mode=mode, seed=seed)  # fmt: skip
+        self._inner = APGD(norm=norm, eps=eps, steps=steps, loss=loss, **options)
 
     def run(self, model: nn.Module, inputs: Tensor, labels: Tensor, *, eps=None, generator=None) -> AttackResult:
         eps_t = self.budget(eps, inputs)
@@ -105,7 +102,8 @@ class Transfer(Attack):
             sigma = top / (2 * float(self.geometry.measure(torch.ones_like(inputs[:1], dtype=torch.float32))))
         noise = torch.randn((self.samples, *inputs.shape[1:]), generator=generator, device=inputs.device)
         surrogate = SmoothedModel(model, sigma, noise)
-        found = self._inner.run(surrogate, inputs, labels, eps=eps_t, generator=generator)
+        # The APGD runs on a core of the surrogate with this call's options (autocast, compile, active-set mode).
+        found = self._inner.run_on(self.core(surrogate, inputs, labels), eps_t, generator)
         core = self.core(model, inputs, labels)
         success = core.fooled(core.forward(found.adv), torch.arange(core.batch, device=core.device))
         result = core.result(found.adv, success, self.geometry.measure)

@@ -1,7 +1,7 @@
 """The shared attack engine: the attack core (one batched loop), model-state handling, input checks, losses, results."""
 
 from advtrain.engine.checks import check_inputs, check_labels
-from advtrain.engine.core import ActiveSet, AttackCore, fused, require_grad_mode
+from advtrain.engine.core import AttackCore, fused, require_grad_mode
 from advtrain.engine.loop import ascent_step, gradient_ascent
 from advtrain.engine.losses import LOSSES, cross_entropy, dlr_loss, margin_loss
 from advtrain.engine.modes import AttackMode, attack_context
@@ -12,7 +12,6 @@ from advtrain.engine.tracking import MaxLossTracker, MinimalNormTracker, PassCou
 
 __all__ = [
     "ACTIVE_SET_MODES",
-    "ActiveSet",
     "ConstantSearch",
     "MaxLossTracker",
     "SampleState",

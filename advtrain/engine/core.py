@@ -56,53 +56,6 @@ def fused(fn: Callable) -> Callable:
     return _FUSED[fn]
 
 
-class ActiveSet:
-    """The samples of a batch still under attack, with their per-sample state.
-
-    ``index`` holds their positions in the batch; every state tensor has one row per active sample, in the same
-    order. :meth:`retire` drops finished samples from the index and from every state tensor at once.
-
-    Args:
-        index: (n,) positions in the batch.
-        state: per-sample tensors with leading dimension n (e.g. ``x``, ``y``, ``delta``, ``radius``).
-    """
-
-    def __init__(self, index: Tensor, **state: Tensor) -> None:
-        self.index = index
-        self.state: dict[str, Tensor] = {}
-        for name, value in state.items():
-            self[name] = value
-
-    def __len__(self) -> int:
-        return self.index.numel()
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.state[name]
-
-    def __setitem__(self, name: str, value: Tensor) -> None:
-        if value.shape[:1] != self.index.shape:
-            raise ValueError(f"state {name!r} has {value.shape[0]} rows for {self.index.numel()} active samples.")
-        self.state[name] = value
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.state
-
-    def pop(self, name: str) -> Tensor:
-        return self.state.pop(name)
-
-    def keep(self, keep: Tensor) -> None:
-        """Keeps only the rows where ``keep`` is true (no host sync)."""
-        self.index = self.index[keep]
-        self.state = {name: value[keep] for name, value in self.state.items()}
-
-    def retire(self, done: Tensor) -> int:
-        """Drops the samples flagged ``done``; returns how many remain (the one host sync of an iteration)."""
-        remaining = int((~done).sum())
-        if remaining < len(self):
-            self.keep(~done)
-        return remaining
-
-
 class AttackCore:
     """What every attack call shares (see the module docstring).
 
@@ -155,10 +108,6 @@ class AttackCore:
         self.masked = active_set == "mask"
         self._labels_checked = not checks
         self._live: SampleState | None = None  # the masked state whose rows the model calls count
-
-    def everyone(self, **state: Tensor) -> ActiveSet:
-        """An :class:`ActiveSet` of the whole batch."""
-        return ActiveSet(torch.arange(self.batch, device=self.device), **state)
 
     def start(self, cls: type[SampleState], rows: Tensor | None = None, **fields) -> SampleState:
         """The per-sample state ``cls`` of the samples ``rows`` (positions in the batch; ``None``: every sample), its
@@ -246,7 +195,7 @@ class AttackCore:
 
     def loop(
         self,
-        state: SampleState | ActiveSet,
+        state: SampleState,
         steps: int,
         evaluate: Callable[[int, SampleState], Tensor | None],
         advance: Callable[[int, SampleState], None] | None = None,
@@ -255,7 +204,7 @@ class AttackCore:
         while samples remain, ``done = evaluate(k, state)`` (a (n,) bool tensor of the samples that are done, or
         ``None`` when all go on), the done samples leave (:meth:`SampleState.retire`: shrunk away or masked), then
         ``advance(k, state)`` moves the others."""
-        if isinstance(state, SampleState) and state.masked:
+        if state.masked:
             self._live = state
         for k in range(steps):
             if len(state) == 0:

@@ -61,6 +61,7 @@ def gradient_ascent(
     compile: bool = False,
     checks: bool = True,
     active_set: str = "shrink",
+    rows: Tensor | None = None,
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -84,20 +85,18 @@ def gradient_ascent(
             last iterate (training).
         early_stop: drop fooled samples from the active set.
         generator: RNG for the random start.
-        autocast: run the model under autocast in this dtype (e.g. ``torch.bfloat16``); the perturbation, the
-            gradient step and the norms stay in float32.
-        compile: use the fused (``torch.compile``-d) :func:`ascent_step`; the eager step is the reference
-            it is tested against.
-        checks: check inputs and labels (see :class:`~advtrain.engine.core.AttackCore`); the training maximizers,
-            whose batch was validated before it reached the device, pass ``False`` to save the host syncs.
-        active_set: ``"shrink"`` or ``"mask"``, see :mod:`advtrain.engine.state`.
+        autocast, compile, checks, active_set: the options of the :class:`~advtrain.engine.core.AttackCore` (the
+            fused :func:`ascent_step` with ``compile``; the training maximizers, whose batch was validated on the
+            host, pass ``checks=False``).
+        rows: attack only these samples (default: all); the others come back unchanged, not fooled, at no cost
+            (masked mode: masked from the start, so that every model call still sees the whole batch).
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
     """
     core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile, checks=checks,
                       active_set=active_set)  # fmt: skip
-    x, y, batch, device = core.x, core.y, core.batch, core.device
+    x, y = core.x, core.y
     sign = -1.0 if targeted else 1.0
     tracker = MaxLossTracker(x)
     step_fn = core.step(ascent_step)
@@ -112,8 +111,8 @@ def gradient_ascent(
     def advance(k: int, s: _AscentState) -> None:
         s.delta = step_fn(geometry, s.x, s.delta, s.grad, s.alpha, s.eps)
 
-    for _ in range(max(1, restarts)):
-        index = torch.arange(batch, device=device) if not early_stop else (~tracker.success).nonzero().squeeze(1)
+    for restart in range(max(1, restarts)):
+        index = _restart_rows(tracker.success, rows, first=restart == 0, early_stop=early_stop)
         if index.numel() == 0:
             break
         xa, ea = x[index], eps[index]
@@ -121,7 +120,7 @@ def gradient_ascent(
         active = core.start(_AscentState, index, x=xa, eps=ea, alpha=step_size[index],
                             delta=geometry.project_ball_box(xa, delta, ea))  # fmt: skip
         core.loop(active, steps, evaluate, advance)
-        if keep_best and len(active) > 0:
+        if keep_best and len(active) > 0:  # the last iterate is scored too
             logits = core.forward(active.x + active.delta)
             loss = sign * loss_fn(logits, y[active.index])
             tracker.offer(active, active.delta, loss, core.fooled(logits, active.index))
@@ -129,3 +128,12 @@ def gradient_ascent(
             active.write(tracker.best_delta, active.delta)
 
     return core.result(x + tracker.best_delta.to(x.dtype), tracker.success, geometry.measure)
+
+
+def _restart_rows(success: Tensor, rows: Tensor | None, *, first: bool, early_stop: bool) -> Tensor:
+    """The samples a restart attacks: ``rows`` (default: the whole batch), less, after the first restart and with
+    early stopping, those already fooled."""
+    everyone = torch.arange(success.shape[0], device=success.device) if rows is None else rows
+    if not early_stop or (first and rows is not None):
+        return everyone
+    return everyone[~success[everyone]]
