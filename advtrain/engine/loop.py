@@ -96,38 +96,54 @@ def gradient_ascent(
     """
     core = AttackCore(model, inputs, labels, targeted=targeted, autocast=autocast, compile=compile, checks=checks,
                       active_set=active_set)  # fmt: skip
-    x, y = core.x, core.y
-    sign = -1.0 if targeted else 1.0
-    tracker = MaxLossTracker(x)
-    step_fn = core.step(ascent_step)
-
-    def evaluate(k: int, s: _AscentState) -> Tensor | None:
-        objective = lambda z: sign * loss_fn(z, y[s.index])  # noqa: E731
-        logits, loss, s.grad, _ = core.value_and_grad(s.delta, lambda d: s.x + d, objective)
-        if keep_best:
-            tracker.offer(s, s.delta, loss, core.fooled(logits, s.index))
-        return tracker.success[s.index] if early_stop else None
-
-    def advance(k: int, s: _AscentState) -> None:
-        s.delta = step_fn(geometry, s.x, s.delta, s.grad, s.alpha, s.eps)
-
+    x = core.x
+    run = _Ascent(core, geometry, loss_fn, -1.0 if targeted else 1.0, MaxLossTracker(x), core.step(ascent_step),
+                  keep_best, early_stop)  # fmt: skip
     for restart in range(max(1, restarts)):
-        index = _restart_rows(tracker.success, rows, first=restart == 0, early_stop=early_stop)
+        index = _restart_rows(run.tracker.success, rows, first=restart == 0, early_stop=early_stop)
         if index.numel() == 0:
             break
         xa, ea = x[index], eps[index]
         delta = geometry.sample(xa, ea, generator) if random_start else torch.zeros_like(xa)
         active = core.start(_AscentState, index, x=xa, eps=ea, alpha=step_size[index],
                             delta=geometry.project_ball_box(xa, delta, ea))  # fmt: skip
-        core.loop(active, steps, evaluate, advance)
-        if keep_best and len(active) > 0:  # the last iterate is scored too
-            logits = core.forward(active.x + active.delta)
-            loss = sign * loss_fn(logits, y[active.index])
-            tracker.offer(active, active.delta, loss, core.fooled(logits, active.index))
-        if not keep_best:
-            active.write(tracker.best_delta, active.delta)
+        core.loop(active, steps, run.evaluate, run.advance)
+        run.finish(active)
+    return core.result(x + run.tracker.best_delta.to(x.dtype), run.tracker.success, geometry.measure)
 
-    return core.result(x + tracker.best_delta.to(x.dtype), tracker.success, geometry.measure)
+
+@dataclass
+class _Ascent:
+    """One call of :func:`gradient_ascent`: its loop halves and the end of a restart."""
+
+    core: AttackCore
+    geometry: Geometry
+    loss_fn: LossFn
+    sign: float
+    tracker: MaxLossTracker
+    step_fn: object
+    keep_best: bool
+    early_stop: bool
+
+    def evaluate(self, k: int, s: _AscentState) -> Tensor | None:
+        core, y = self.core, self.core.y
+        objective = lambda z: self.sign * self.loss_fn(z, y[s.index])  # noqa: E731
+        logits, loss, s.grad, _ = core.value_and_grad(s.delta, lambda d: s.x + d, objective)
+        if self.keep_best:
+            self.tracker.offer(s, s.delta, loss, core.fooled(logits, s.index))
+        return self.tracker.success[s.index] if self.early_stop else None
+
+    def advance(self, k: int, s: _AscentState) -> None:
+        s.delta = self.step_fn(self.geometry, s.x, s.delta, s.grad, s.alpha, s.eps)
+
+    def finish(self, s: _AscentState) -> None:
+        """Scores the last iterate of the samples still standing (attacks), or keeps it (training)."""
+        if self.keep_best and len(s) > 0:
+            logits = self.core.forward(s.x + s.delta)
+            loss = self.sign * self.loss_fn(logits, self.core.y[s.index])
+            self.tracker.offer(s, s.delta, loss, self.core.fooled(logits, s.index))
+        if not self.keep_best:
+            s.write(self.tracker.best_delta, s.delta)
 
 
 def _restart_rows(success: Tensor, rows: Tensor | None, *, first: bool, early_stop: bool) -> Tensor:
