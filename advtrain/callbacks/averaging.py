@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Literal
 
@@ -101,15 +102,21 @@ class EMA(WeightAveraging):
     @override
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning's WeightAveraging builds the average as a deep copy of the whole LightningModule, the Trainer it
-        # is attached to included. Under DDP, rank 0's Trainer holds the launcher's worker processes
-        # (subprocess.Popen, with a thread lock) and the copy fails; and the average needs no Trainer anyway. So the
-        # module is detached (through the public ``trainer`` setter) for the copy and attached again after it.
+        # Lightning's WeightAveraging builds the average as a deep copy of the whole LightningModule, with every
+        # object it refers to. Under DDP, rank 0's copy fails: its Trainer holds the launcher's worker processes
+        # (subprocess.Popen, with a thread lock), and so do the optimizer and scheduler factories LightningCLI gives
+        # the module (functools.partial objects that refer back to it). The average needs neither: they are detached
+        # for the copy (the Trainer through the module's public ``trainer`` setter) and put back after it.
+        detached = {name: value for name, value in vars(pl_module).items() if isinstance(value, functools.partial)}
         pl_module.trainer = None
+        for name in detached:
+            setattr(pl_module, name, None)
         try:
             super().setup(trainer, pl_module, stage)
         finally:
             pl_module.trainer = trainer
+            for name, value in detached.items():
+                setattr(pl_module, name, value)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
