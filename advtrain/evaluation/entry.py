@@ -328,17 +328,6 @@ def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None
         )
 
 
-def _check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuses an ``--output`` that is a file, or that holds an earlier report (unless ``--overwrite true`` or
-    ``--resume true``), before any attack runs."""
-    if output.exists() and not output.is_dir():
-        raise InvalidConfigError(f"evaluate: --output {output} is a file; give a folder for the report.")
-    if (output / "report.json").is_file() and not (overwrite or resume):
-        raise InvalidConfigError(
-            f"evaluate: {output} already holds a report; pass --overwrite true to replace it, or another --output."
-        )
-
-
 def _device(trainer: pl.Trainer):
     try:
         return trainer.strategy.root_device
