@@ -74,21 +74,14 @@ class _SquareState(SampleState):
 
 class _Draws:
     """The random integers of a run's updates, one row per row of ``state``, from the call's generator. In the
-    masked mode the active rows get exactly what shrinking draws (one row per active sample, in order; see
-    :meth:`SampleState.rand`), the others zeros."""
+    masked mode the active rows get exactly what shrinking draws (see :meth:`SampleState.randint`)."""
 
     def __init__(self, state: SampleState, generator: torch.Generator | None) -> None:
         self.state, self.generator = state, generator
 
     def ints(self, high: int, *shape: int) -> Tensor:
         """Uniform integers in [0, high), shape (rows, *shape)."""
-        s = self.state
-        values = torch.randint(0, high, (s.count, *shape), device=s.index.device, generator=self.generator)
-        if not s.masked:
-            return values
-        out = values.new_zeros((s.index.shape[0], *shape))
-        out[s.active] = values
-        return out
+        return self.state.randint(high, *shape, generator=self.generator)
 
     def signs(self, *shape: int) -> Tensor:
         """Random ±1 (float), shape (rows, *shape)."""

@@ -126,9 +126,10 @@ class SampleState:
 
     def keep(self, keep: Tensor) -> None:
         """Shrinking mode: keeps only the rows where ``keep`` is true (no host sync; :attr:`count` is refreshed from
-        the new index). Masked mode: deactivates the others."""
+        the new index). Masked mode: deactivates the others (and reads the new count back, a host sync)."""
         if self.active is not None:
             self.active = self.active & keep
+            self.count = int(self.active.sum())
             return
         object.__setattr__(self, "index", self.index[keep])
         for name, value in list(self._items()):
@@ -138,21 +139,28 @@ class SampleState:
     def write(self, target: Tensor, value: Tensor, rows: Tensor | None = None) -> None:
         """Writes ``value`` (one row per state row, or per row of ``rows``, a bool mask over the state) into the
         per-batch array ``target`` at the samples' positions, in place; masked mode writes the active rows only."""
-        keep = self.active if rows is None else rows if self.active is None else rows & self.active
         if self.active is None:
             index = self.index if rows is None else self.index[rows]
             target[index] = value if rows is None else value[rows]
             return
+        keep = self.active if rows is None else rows & self.active
         target.copy_(torch.where(view_as_batch(keep, target), value.to(target.dtype), target))
 
     def rand(self, *shape: int, generator: torch.Generator | None = None, normal: bool = False) -> Tensor:
-        """Random numbers with one row per state row (uniform on [0, 1), or standard normal with ``normal``). Masked
-        mode draws exactly what shrinking would (one row per active sample, in order) and scatters it into the active
-        rows (zeros elsewhere), so that both modes see the same numbers."""
+        """Random numbers with one row per state row (uniform on [0, 1), or standard normal with ``normal``), see
+        :meth:`_spread`."""
         draw = torch.randn if normal else torch.rand
-        like = self.index
+        return self._spread(draw((self.count, *shape), generator=generator, device=self.index.device))
+
+    def randint(self, high: int, *shape: int, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform integers in [0, high) with one row per state row, see :meth:`_spread`."""
+        return self._spread(torch.randint(0, high, (self.count, *shape), device=self.index.device, generator=generator))
+
+    def _spread(self, values: Tensor) -> Tensor:
+        """Draws made one row per active sample, in order, as rows of the state: as they are when shrinking; masked,
+        scattered into the active rows (zeros elsewhere), so that both modes see the same numbers."""
         if self.active is None:
-            return draw((self.count, *shape), generator=generator, device=like.device)
-        out = torch.zeros((self.index.shape[0], *shape), device=like.device)
-        out[self.active] = draw((self.count, *shape), generator=generator, device=like.device)
+            return values
+        out = values.new_zeros((self.index.shape[0], *values.shape[1:]))
+        out[self.active] = values
         return out
