@@ -23,6 +23,7 @@ FAST: dict[str, dict] = {
     "cw_l2": {"steps": 5, "binary_search_steps": 2},
     "ddn": {"steps": 5},
     "fab": {"steps": 5},
+    "fmn": {"steps": 10},
     "tr": {"steps": 5},
     "strattack": {"steps": 5, "binary_search_steps": 1, "refine_steps": 5, "refine_search_steps": 1},
     "transfer": {"steps": 5, "samples": 2},
