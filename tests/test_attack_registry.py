@@ -27,6 +27,7 @@ FAST: dict[str, dict] = {
     "cw_l2": {"steps": 5, "binary_search_steps": 2},
     "ddn": {"steps": 5},
     "fab": {"steps": 5},
+    "fmn": {"steps": 10},
     "tr": {"steps": 5},
     "strattack": {"steps": 5, "binary_search_steps": 1, "refine_steps": 5, "refine_search_steps": 1},
     "transfer": {"steps": 5, "samples": 2},
@@ -531,3 +532,10 @@ def test_samples_fooled_already_cost_no_more_backward_passes(name, model):
     assert both.backward_passes == alone.backward_passes + EARLY_STOPPING[name] * x.shape[0]
     assert alone.backward_passes > 0
     assert torch.equal(both.success[: x.shape[0]], alone.success) and both.success[x.shape[0] :].all()
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_refuses_an_unknown_active_set_naming_the_allowed_ones(name, model):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"Unknown active_set 'fixed'; allowed values are \('shrink', 'mask'\)"):
+        _make(name)(model, x, y, active_set="fixed")

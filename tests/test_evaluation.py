@@ -11,7 +11,7 @@ from helpers import LinearNet, linear_problem
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from advtrain.attacks import DeepFool
+from advtrain.attacks import DeepFool, list_attacks
 from advtrain.attacks.base import Attack
 from advtrain.engine.result import AttackResult
 from advtrain.evaluation import (
@@ -23,6 +23,7 @@ from advtrain.evaluation import (
     write_report,
 )
 from advtrain.evaluation.masking import within
+from advtrain.evaluation.suites import suite_entries
 
 GRID = [0.01, 0.02, 0.04, 0.08]
 
@@ -264,7 +265,9 @@ def test_suites_respect_the_threat_norm():
     assert [e.name for e in build_suite("quick", norm="linf", eps=0.3)] == ["pgd20"]
     assert [e.name for e in build_suite("apgd", norm="l2", eps=0.5)] == ["apgd-ce", "apgd-dlr"]
     l1 = {e.name for e in build_suite("full", norm="l1", eps=12.0)}
-    assert l1 == {"fab", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"}
+    assert {"fab", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"} <= l1
+    for norm, built in (("linf", linf), ("l2", l2), ("l1", l1)):  # exactly the entries whose spec has the norm
+        assert built == {e.label for e in suite_entries("full") if norm in list_attacks()[e.attack].norms}
     with pytest.raises(ValueError, match="Unknown suite"):
         build_suite("fastest", norm="linf", eps=0.3)
 

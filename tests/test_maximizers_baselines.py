@@ -112,3 +112,30 @@ def test_fast_fgsm_is_one_random_start_step_of_1_25_eps():
     b = PGD(eps=0.1, steps=1, step_size=0.125)(model, x, y).adv
     torch.testing.assert_close(a, b)
     assert FastFGSM().attack_mode == "train"  # the reference code's default
+
+
+def test_trades_maximizer_equals_the_reference_loop():
+    """TRADES's inner maximizer runs on the engine's ascent loop; it must be the reference code's loop, written out
+    here: x' = x + 0.001·N(0, I), then ``steps`` sign steps on KL(f(x) ‖ f(x')), each clamped to the ε-ball and the
+    box, in eval mode, last iterate. Same draws (the global RNG), the same operations: equal to float rounding (the
+    engine clamps ball then box as the loop below does)."""
+    torch.manual_seed(0)
+    model = TinyCNN().train()
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(4))
+    eps, alpha = 0.1, 0.03
+    torch.manual_seed(7)
+    ours = TRADES(eps=eps, steps=5, step_size=alpha)(model, x, y).adv
+    assert model.training  # the attack's eval mode was undone
+    model.eval()
+    torch.manual_seed(7)
+    p = F.softmax(model(x), dim=1).detach()
+    adv = x + 0.001 * torch.randn_like(x)
+    adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1)
+    for _ in range(5):
+        adv.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(adv), dim=1), p, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = (x + (adv - x).clamp(-eps, eps)).clamp(0, 1)
+    torch.testing.assert_close(ours, adv, rtol=0, atol=1e-6)

@@ -13,7 +13,6 @@ from advtrain.attacks.registry import AttackSpec
 from advtrain.engine.core import AttackCore
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.engine.result import AttackResult
-from advtrain.engine.state import ACTIVE_SET_MODES
 from advtrain.engine.tracking import autocast_dtype
 from advtrain.threat.norms import as_eps_tensor, checks_budget_arguments
 
@@ -108,9 +107,7 @@ class Attack(ABC):
         Returns:
             The :class:`AttackResult`.
         """
-        if active_set not in ACTIVE_SET_MODES:
-            raise ValueError(f"Unknown active_set {active_set!r}; allowed values are {ACTIVE_SET_MODES}.")
-        self._active_set = active_set
+        self._active_set = active_set  # checked by the call's AttackCore
         try:
             with attack_context(model, self.mode):
                 return self.run(model, inputs, labels, eps=eps, generator=self.generator(inputs.device))

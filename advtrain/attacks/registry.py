@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from advtrain.attacks.base import Attack
@@ -59,6 +59,9 @@ class AttackSpec:
             :attr:`EpsMeaning.NONE` for a minimal-norm one).
         fusable: several of its calls can run as one on a concatenated batch: the class has
             ``shares_passes_with(other)`` and ``call_fused(model, inputs, labels, *, segments, eps)`` (APGD).
+        full_suite: the hyperparameters the ``full`` suite runs it with (``{}``: its defaults), so that a new attack
+            joins the suite from its spec alone; ``None`` (the default): the suite tables say whether and how it runs
+            (:mod:`advtrain.attacks.suites`).
     """
 
     name: str
@@ -70,6 +73,7 @@ class AttackSpec:
     role: str | None = None
     eps_meaning: EpsMeaning | str | None = None
     fusable: bool = False
+    full_suite: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         minimal = self.kind is AttackKind.MINIMAL
@@ -118,14 +122,23 @@ def create_attack(name: str, **hyperparameters) -> Attack:
         ValueError: for an unknown name (listing the registered ones) or a hyperparameter the attack does not
             take (listing the ones it does).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown attack {name!r}; registered attacks are {sorted(_REGISTRY)}.")
-    cls = _REGISTRY[name][1]
+    cls = attack_class(name)
     accepted = list(cls.hyperparameters())
     unknown = sorted(set(hyperparameters) - set(accepted))
     if unknown:
         raise ValueError(f"Attack {name!r} does not take {unknown}; it takes {accepted}.")
     return cls(**hyperparameters)
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered under ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the registered ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown attack {name!r}; registered attacks are {sorted(_REGISTRY)}.")
+    return _REGISTRY[name][1]
 
 
 def list_attacks() -> dict[str, AttackSpec]:

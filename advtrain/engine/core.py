@@ -134,21 +134,22 @@ class AttackCore:
         """The elementwise step ``fn``, compiled when the core is (the eager ``fn`` is its reference twin)."""
         return fused(fn) if self.compile else fn
 
-    def logits(self, points: Tensor) -> Tensor:
-        """Float32 logits of ``points`` (one counted forward per row); the first call checks the labels and warns if
-        the model returns probabilities instead of logits."""
+    def logits(self, points: Tensor, *, counted: int | None = None) -> Tensor:
+        """Float32 logits of ``points`` (one counted forward per row, or ``counted`` forwards: the rows a masked call
+        stands for); the first call checks the labels and warns if the model returns probabilities instead of
+        logits."""
         logits = logits_of(self.model, points.to(self.dtype), autocast=self.autocast)
-        self.counter.forward(self._rows(points.shape[0]))
+        self.counter.forward(self._rows(points.shape[0]) if counted is None else counted)
         if not self._labels_checked:
             check_labels(self.y, logits.shape[1], self.batch)
             warn_if_probabilities(logits)
             self._labels_checked = True
         return logits
 
-    def forward(self, points: Tensor) -> Tensor:
+    def forward(self, points: Tensor, *, counted: int | None = None) -> Tensor:
         """:meth:`logits` without a graph."""
         with torch.no_grad():
-            return self.logits(points)
+            return self.logits(points, counted=counted)
 
     def value_and_grad(
         self,
@@ -224,9 +225,8 @@ class AttackCore:
         success = success.clone()
         moved = (success & (geometry.measure(delta) > eps)).nonzero().squeeze(1)
         if moved.numel() > 0 and self.masked:  # fixed shapes: the whole batch, counted as the moved rows
-            self.start(SampleState, moved)
             everyone = torch.arange(self.batch, device=self.device)
-            refooled = self.fooled(self.forward(projected), everyone)
+            refooled = self.fooled(self.forward(projected, counted=moved.numel()), everyone)
             success[moved] = refooled[moved]
         elif moved.numel() > 0:
             success[moved] = self.fooled(self.forward(projected[moved]), moved)

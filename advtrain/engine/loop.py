@@ -62,6 +62,7 @@ def gradient_ascent(
     checks: bool = True,
     active_set: str = "shrink",
     rows: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> AttackResult:
     """Projected steepest ascent of ``loss_fn`` in the ε-ball of ``geometry``, intersected with [0, 1].
 
@@ -90,6 +91,8 @@ def gradient_ascent(
             host, pass ``checks=False``).
         rows: attack only these samples (default: all); the others come back unchanged, not fooled, at no cost
             (masked mode: masked from the start, so that every model call still sees the whole batch).
+        start: the first restart's δ (one row per sample of the batch, moved into ball ∩ box), in place of
+            ``random_start`` (e.g. TRADES's Gaussian start); later restarts draw as ``random_start`` says.
 
     Returns:
         An :class:`AttackResult`; ``success`` is only meaningful when ``keep_best`` is set.
@@ -104,7 +107,10 @@ def gradient_ascent(
         if index.numel() == 0:
             break
         xa, ea = x[index], eps[index]
-        delta = geometry.sample(xa, ea, generator) if random_start else torch.zeros_like(xa)
+        if start is not None and restart == 0:
+            delta = start[index].float()
+        else:
+            delta = geometry.sample(xa, ea, generator) if random_start else torch.zeros_like(xa)
         active = core.start(_AscentState, index, x=xa, eps=ea, alpha=step_size[index],
                             delta=geometry.project_ball_box(xa, delta, ea))  # fmt: skip
         core.loop(active, steps, run.evaluate, run.advance)

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from advtrain.attacks.base import Attack
 from advtrain.attacks.registry import (
-    _REGISTRY,
     SUITE_ROLES,
     AttackKind,
     AttackSpec,
     EpsMeaning,
+    attack_class,
     create_attack,
     list_attacks,
 )
@@ -87,6 +87,25 @@ def list_suites() -> list[str]:
     return sorted([*SUITES, *ALIASES])
 
 
+def suite_entries(name: str) -> list[SuiteEntry]:
+    """The entries of the built-in suite ``name`` (or an alias): its table in :data:`SUITES`, and for ``full`` also
+    every registered attack whose spec declares ``full_suite`` hyperparameters and that the table does not list (a
+    new attack joins ``full`` from its spec alone).
+
+    Raises:
+        ValueError: for an unknown name, listing the suites.
+    """
+    if name not in SUITES and name not in ALIASES:
+        raise ValueError(f"Unknown suite {name!r}; the suites are {list_suites()}.")
+    canonical = ALIASES.get(name, name)
+    entries = list(SUITES[canonical])
+    if canonical == "full":
+        listed = {entry.attack for entry in entries}
+        entries += [SuiteEntry(spec.name, spec.name, dict(spec.full_suite)) for spec in list_attacks().values()
+                    if spec.full_suite is not None and spec.name not in listed]  # fmt: skip
+    return entries
+
+
 def build_suite(
     suite: str | list[SuiteEntry],
     *,
@@ -112,9 +131,7 @@ def build_suite(
             of the suite supports the norm.
     """
     if isinstance(suite, str):
-        if suite not in SUITES and suite not in ALIASES:
-            raise ValueError(f"Unknown suite {suite!r}; the suites are {list_suites()}.")
-        entries = SUITES[ALIASES.get(suite, suite)]
+        entries = suite_entries(suite)
     else:
         entries = list(suite)
     norm = Norm.parse(norm).value
@@ -143,7 +160,7 @@ def _build_entry(entry: SuiteEntry, norm: str, eps: float, seed: int, override: 
     spec = specs[entry.attack]
     if norm not in spec.norms:
         return None
-    accepted = _REGISTRY[entry.attack][1].hyperparameters()
+    accepted = attack_class(entry.attack).hyperparameters()
     kwargs = {**entry.kwargs, **entry.per_norm.get(norm, {}), **override}
     if "norm" in accepted:
         kwargs.setdefault("norm", norm)
@@ -182,4 +199,4 @@ def wrap_attacks(attacks: Mapping[str, Attack]) -> list[EvalAttack]:
 
 
 __all__ = ["ALIASES", "NOTES", "ROLES", "SUITES", "EvalAttack", "SuiteEntry", "build_suite", "list_suites",
-           "suite_note", "wrap_attacks"]  # fmt: skip
+           "suite_entries", "suite_note", "wrap_attacks"]  # fmt: skip

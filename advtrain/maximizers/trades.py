@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advtrain.engine.loop import ascent_step
+from advtrain.engine.loop import gradient_ascent
 from advtrain.engine.modes import AttackMode, attack_context
 from advtrain.maximizers.base import InnerMaximizer, Perturbation, batch_budget, checked_budget
 from advtrain.threat.geometry import geometry_for
@@ -19,6 +19,11 @@ def kl_to_clean(clean_probs: Tensor, adv_logits: Tensor) -> Tensor:
     """Per-sample KL(p_clean ‖ softmax(adv_logits)), the TRADES robustness term."""
     log_q = F.log_softmax(adv_logits.float(), dim=1)
     return (clean_probs * (torch.log(clean_probs.clamp_min(1e-12)) - log_q)).sum(dim=1)
+
+
+def _kl_loss(adv_logits: Tensor, clean_probs: Tensor) -> Tensor:
+    """:func:`kl_to_clean` as an attack loss ``loss(logits, labels)``, the clean distribution in the labels' place."""
+    return kl_to_clean(clean_probs, adv_logits)
 
 
 class TRADES(InnerMaximizer):
@@ -71,10 +76,10 @@ class TRADES(InnerMaximizer):
         with attack_context(model, self.attack_mode):
             with torch.no_grad():
                 clean_probs = F.softmax(model(x).float(), dim=1)
-            delta = self._geometry.project_ball_box(x, self.init_std * torch.randn_like(x), eps)
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                loss = kl_to_clean(clean_probs, model(x + delta)).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
-                delta = ascent_step(self._geometry, x, delta.detach(), grad, alpha, eps)
-        return Perturbation(adv=(x + delta).clamp(0.0, 1.0), eps=eps)
+            # The engine's ascent loop with the clean distribution in the labels' place: the last iterate of every
+            # sample (no early stopping, no best-point tracking), from the Gaussian start; the batch was checked.
+            result = gradient_ascent(model, x, clean_probs, geometry=self._geometry, eps=eps, step_size=alpha,
+                                     steps=self.steps, loss_fn=_kl_loss, random_start=False,
+                                     start=self.init_std * torch.randn_like(x), keep_best=False, early_stop=False,
+                                     checks=False)  # fmt: skip
+        return Perturbation(adv=result.adv, eps=eps)

@@ -120,7 +120,30 @@ def record() -> dict:
     return out
 
 
+def add_new() -> list[str]:
+    """Records the cases of attacks registered since the file was written (a new attack's own golden cases), leaving
+    every stored case untouched; refuses under another torch version than the file's."""
+    stored = torch.load(GOLDEN, weights_only=True)
+    if stored["torch"].split("+")[0] != torch.__version__.split("+")[0]:
+        raise SystemExit(f"{GOLDEN} was recorded under torch {stored['torch']}; this is {torch.__version__}.")
+    torch.use_deterministic_algorithms(True)
+    probs = problems()
+    added = []
+    for key, name, norm, kwargs in cases():
+        for pname, problem in probs.items():
+            if f"{key}|{pname}" not in stored["cases"]:
+                stored["cases"][f"{key}|{pname}"] = run_case(key, name, norm, dict(kwargs), problem)
+                added.append(f"{key}|{pname}")
+    torch.save(stored, GOLDEN)
+    return added
+
+
 if __name__ == "__main__":
-    data = record()
-    torch.save({"torch": str(torch.__version__), "cases": data}, GOLDEN)
-    print(f"{len(data)} cases written to {GOLDEN} (torch {torch.__version__})")
+    # python tests/golden/record_attacks.py --add-new: only the cases of newly registered attacks (the others stay as
+    # recorded before the engine refactor). Without it: rerecord everything (never, unless a change is intended).
+    if "--add-new" in sys.argv:
+        print(f"added {add_new()} to {GOLDEN} (torch {torch.__version__})")
+    else:
+        data = record()
+        torch.save({"torch": str(torch.__version__), "cases": data}, GOLDEN)
+        print(f"{len(data)} cases written to {GOLDEN} (torch {torch.__version__})")
