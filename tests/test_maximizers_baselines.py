@@ -121,7 +121,7 @@ def test_trades_maximizer_equals_the_reference_loop():
     engine clamps ball then box as the loop below does)."""
     torch.manual_seed(0)
     model = TinyCNN().train()
-    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x, _ = random_batch(12, seed=3)
     y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(4))
     eps, alpha = 0.1, 0.03
     torch.manual_seed(7)
