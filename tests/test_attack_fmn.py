@@ -18,7 +18,7 @@ from helpers import LinearNet, linear_problem, random_batch, run_cli
 from test_inputs import TINY
 
 from advtrain.attacks import FMN, attack_class, create_attack, list_attacks
-from advtrain.attacks.fmn import _l0_project, _next_eps, _next_eps_l0
+from advtrain.attacks.fmn import _l0_project, _l2_rescale, _next_eps, _next_eps_l0
 from advtrain.attacks.suites import SUITES
 from advtrain.evaluation import build_suite
 
@@ -57,16 +57,17 @@ def _box_minimal(model: LinearNet, x: torch.Tensor, y: torch.Tensor, norm: str) 
     return best
 
 
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_lands_on_the_exact_minimal_norm_of_a_linear_model(norm):
+@pytest.mark.parametrize(("norm", "rescale"), [("l2", True), ("l2", False), ("linf", True)])
+def test_lands_on_the_exact_minimal_norm_of_a_linear_model(norm, rescale):
     """On a random 10-class linear model (the box never binds) the minimal L2/L∞ perturbation is known in closed
-    form. FMN-100 never goes below it (no claimed success can), and lands within 0.1% of it at the 95th percentile.
-    Successes: all in L∞; in L2 about 70% (adv-lib's ``fmn``: 72.5%): once an iterate sits exactly on a linear
-    boundary, the margin is 0, so the boundary estimate adds nothing to ε and the normalised step only turns δ, and
-    a float tie leaves the prediction unchanged: FMN's update, not this implementation (see the adv-lib test)."""
+    form. FMN-100 (in L2 with δ rescaled to ε, the default, or projected onto the ball) never goes below it (no
+    claimed success can), and lands within 0.1% of it at the 95th percentile. Successes: all in L∞; in L2 about 70%
+    (adv-lib's ``fmn``: 72.5%): once an iterate sits exactly on a linear boundary, the margin is 0, so the boundary
+    estimate adds nothing to ε and the normalised step only turns δ, and a float tie leaves the prediction unchanged:
+    FMN's update, not this implementation (see the adv-lib test)."""
     model, x, y, per_class = linear_problem(n=200, dim=100)
     exact = per_class[norm].amin(1)
-    result = create_attack("fmn", norm=norm, steps=100)(model, x, y)
+    result = create_attack("fmn", norm=norm, steps=100, rescale=rescale)(model, x, y)
     ratio = result.norms.double()[result.success] / exact[result.success]
     assert result.success.float().mean() >= (0.99 if norm == "linf" else 0.6)
     assert ratio.min() >= 1 - 1e-5
@@ -110,6 +111,12 @@ def test_l0_projection_keeps_the_k_largest_coordinates():
     assert torch.equal(projected[0], torch.tensor([0.0, -0.5, 0.3, 0.0, 0.0]))
     assert torch.equal(projected[1], torch.zeros(5))  # ε = 0: nothing kept
     assert torch.equal(projected[2], delta[2])
+
+
+def test_l2_rescale_puts_delta_on_the_sphere():
+    delta = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    eps = torch.tensor([0.5, 1.0, 3.0, 0.0])
+    torch.testing.assert_close(_l2_rescale(delta, eps).flatten(1).norm(dim=1), eps)
 
 
 def test_eps_update_follows_algorithm_1():
