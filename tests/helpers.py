@@ -14,6 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def random_batch(
+    n: int = 6, shape: tuple[int, ...] = (1, 8, 8), classes: int = 10, seed: int = 0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch: ``n`` inputs uniform in [0, 1) of ``shape`` (``dtype``, default float32), then ``n``
+    labels uniform in ``[0, classes)``, both drawn in that order from one generator seeded with ``seed``.
+
+    The inputs do not depend on the labels drawn after them, so ``x, _ = random_batch(...)`` is the tests' seeded
+    ``torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))``. Returns ``(x, y)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=gen, dtype=dtype), torch.randint(0, classes, (n,), generator=gen)
+
+
 class LinearNet(nn.Module):
     """A linear classifier on flattened inputs: logits = W x + b."""
 

@@ -1,5 +1,6 @@
 """APGD (Croce & Hein 2020): checkpoint schedule, step-size halving, closed-form optima, ball and box, targeted
-mode, early stopping, determinism, errors, and cross-checks against torchattacks and the reference model."""
+mode, early stopping, errors, and cross-checks against torchattacks and the reference model. The contract every attack
+shares (determinism, model state, bad inputs, ...) is tested from the registry."""
 
 from __future__ import annotations
 
@@ -8,19 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Float64Compute, LinearNet, TinyCNN, never_fooled_binary
+from helpers import Float64Compute, LinearNet, TinyCNN, never_fooled_binary, random_batch
 from torch import nn
 
 from advtrain.attacks.apgd import APGD, halving_condition, targeted_dlr_loss
 from advtrain.attacks.gradient import PGD
-from advtrain.attacks.registry import AttackKind, create_attack, list_attacks
 from advtrain.threat import geometry_for
-
-
-def _data(n=16, seed=0, shape=(1, 8, 8), classes=10):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
-
 
 # --- the step-size schedule -----------------------------------------------------------------------------------------
 
@@ -130,7 +124,7 @@ def test_matches_naive_reference_loop(norm, eps):
     # same float32 gradients, so no L∞ sign step can flip on a component within float32 summation noise of 0 (on
     # torch 2.14 one of 768 coordinates did, by 2η, with a float32 model), and the two loops must agree to rounding.
     model = Float64Compute(_SmoothNet())
-    x, _ = _data(n=12)
+    x, _ = random_batch(12)
     y = model(x).argmax(1)
     geometry = geometry_for(norm)
     steps = 40
@@ -181,7 +175,7 @@ def test_l2_reaches_closed_form_maximum_of_linear_loss():
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_stays_in_ball_and_box_with_per_sample_eps(norm, eps, loss):
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(16)
     eps_arg = torch.linspace(0.0, eps, x.shape[0])
     result = APGD(norm=norm, eps=eps, steps=12, restarts=2, loss=loss, seed=1)(model, x, y, eps=eps_arg)
     measured = geometry_for(norm).measure(result.adv - x)
@@ -197,8 +191,7 @@ def test_linear_multiclass_success_matches_closed_form_and_peer():
     """On a linear model the L∞ robust set is known in closed form (the box does not bind around x = 0.5): sample i
     is fooled within ε iff min_j (z_y − z_j) − ε‖w_y − w_j‖₁ < 0."""
     model = LinearNet(64, 10, seed=2)
-    gen = torch.Generator().manual_seed(1)
-    x = 0.5 + 0.2 * (2 * torch.rand(64, 1, 8, 8, generator=gen) - 1)
+    x = 0.5 + 0.2 * (2 * random_batch(64, seed=1)[0] - 1)
     y = model(x).argmax(1)
     eps = 0.03
     w = model.fc.weight.detach()
@@ -232,7 +225,7 @@ def test_targeted_dlr_loss_formula():
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_targeted_reaches_targets(loss):
     model = LinearNet(64, 10, seed=1)
-    x, _ = _data(n=32)
+    x, _ = random_batch(32)
     targets = (model(x).argmax(1) + 1) % 10
     result = APGD(eps=0.3, steps=30, targeted=True, loss=loss, seed=0)(model, x, targets)
     reached = model(result.adv).argmax(1) == targets
@@ -252,7 +245,7 @@ def test_dlr_needs_enough_classes():
         APGD(loss="margin")
 
 
-# --- cost, determinism, contract -----------------------------------------------------------------------------------
+# --- cost -----------------------------------------------------------------------------------------------------------
 
 
 def test_early_stopping_spends_passes_only_on_samples_still_standing():
@@ -260,7 +253,7 @@ def test_early_stopping_spends_passes_only_on_samples_still_standing():
     with torch.no_grad():
         model.fc.weight.zero_()
         model.fc.bias.copy_(torch.tensor([50.0, 0.0, -1.0]))  # everything is class 0, by a wide margin
-    x, _ = _data(n=8)
+    x, _ = random_batch(8)
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])  # half already misclassified, half never fooled
     steps = 10
     result = APGD(eps=0.1, steps=steps, loss="dlr", seed=0)(model, x, y)
@@ -279,39 +272,6 @@ def test_restarts_keep_the_best_loss_per_sample():
     three = APGD(norm="l2", eps=0.5, steps=3, restarts=3, seed=0)(model, x, y)
     ce = lambda a: F.cross_entropy(model(a), y, reduction="none")  # noqa: E731
     assert (ce(three.adv) >= ce(one.adv) - 1e-6).all()
-
-
-def test_determinism_under_seed_and_batch_of_one():
-    model = TinyCNN().eval()
-    x, y = _data()
-    a = APGD(eps=0.05, steps=5, seed=7)(model, x, y)
-    b = APGD(eps=0.05, steps=5, seed=7)(model, x, y)
-    assert torch.equal(a.adv, b.adv) and torch.equal(a.success, b.success)
-    c = APGD(eps=0.05, steps=5, seed=8)(model, x, y)
-    assert not torch.equal(a.adv, c.adv)
-    one = APGD(eps=0.05, steps=5, seed=7)(model, x[:1], y[:1])
-    assert one.adv.shape == x[:1].shape and one.success.shape == (1,)
-
-
-def test_model_state_is_restored_and_bad_inputs_raise():
-    model = TinyCNN()
-    model.train()
-    model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)
-    x, y = _data()
-    APGD(eps=0.1, steps=2)(model, x, y)
-    assert model.training and model.bn.training and torch.all(model.fc.weight.grad == 7.0)
-    assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
-        APGD(eps=0.1, steps=1)(model, x * 255, y)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
-        APGD(eps=0.1, steps=1)(model, x, y + 10)
-
-
-def test_registry():
-    spec = list_attacks()["apgd"]
-    assert spec.kind is AttackKind.BUDGETED and spec.targeted and spec.stochastic and spec.norms == ("linf", "l2", "l1")
-    attack = create_attack("apgd", norm="l2", eps=0.5, loss="dlr", steps=10)
-    assert isinstance(attack, APGD) and attack.loss == "dlr" and attack.norm == "l2"
 
 
 # --- the reference model ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import LinearNet, TinyCNN, digits_mlp, linear_problem, never_fooled_binary
+from helpers import LinearNet, TinyCNN, digits_mlp, linear_problem, never_fooled_binary, random_batch
 from torch import nn
 
 from advtrain.attacks.apgd import APGD, _SparseSchedule, largereps_stages
@@ -63,7 +63,7 @@ def test_apgd_t_with_fewer_classes_than_targets_warns_once_and_uses_them_all(cap
     with torch.no_grad():
         model.fc.weight.zero_()
         model.fc.bias.copy_(torch.tensor([50.0, 0.0, -1.0, -2.0, -3.0]))  # never fooled, zero gradients
-    x, y = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(3, dtype=torch.long)
+    x, y = random_batch(3)[0], torch.zeros(3, dtype=torch.long)
     attack = APGD(loss="dlr-targeted", eps=0.1, steps=5, seed=0)
     with caplog.at_level(logging.WARNING, logger="advtrain.attacks.apgd"):
         first = attack(model, x, y)
@@ -144,8 +144,7 @@ def test_eot_on_a_deterministic_model_changes_nothing_but_the_cost(kwargs):
     iterates, the results and the per-sample passes/eot_iter are exactly those of eot_iter=1."""
     torch.manual_seed(0)
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(12, 1, 8, 8, generator=gen)
+    x, _ = random_batch(12)
     y = model(x).argmax(1)
     one = APGD(steps=12, seed=1, **kwargs)(model, x, y)
     four = APGD(steps=12, seed=1, eot_iter=4, **kwargs)(model, x, y)
@@ -201,8 +200,7 @@ def test_l1_comes_close_to_the_closed_form_maximum_of_a_linear_loss_in_ball_and_
 @pytest.mark.parametrize("largereps", [False, True])
 def test_l1_stays_in_ball_and_box_with_per_sample_eps(largereps):
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    x, y = random_batch(8)
     x[:, :, :4] = 0.0  # pixels at the box face, as in digits
     eps = torch.linspace(0.0, 3.0, 8)
     result = APGD(norm="l1", eps=3.0, steps=10, restarts=2, use_largereps=largereps, seed=0)(model, x, y, eps=eps)

@@ -1,4 +1,5 @@
-"""DDN: minimal norms of linear classifiers, the ε-ball variant, quantisation, pass counts, seeds, adv-lib."""
+"""DDN: minimal norms of linear classifiers, the ε-ball variant, quantisation, pass counts, seeds, adv-lib. The
+contract every attack shares (batch of one, model state, bad inputs, ...) is tested from the registry."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, random_batch
 from helpers import linear_problem as shared_linear_problem
 from torch import nn
 
-from advtrain.attacks import create_attack, list_attacks
 from advtrain.attacks.ddn import DDN, cosine_step_sizes
-from advtrain.attacks.registry import AttackKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import import_adv_lib  # noqa: E402
@@ -23,13 +22,6 @@ def linear_problem(n=128, classes=10, scale=1.0):
     """:func:`helpers.linear_problem` with the exact minimal L2 perturbation of each sample (min over classes)."""
     model, x, y, per_class = shared_linear_problem(n=n, classes=classes, scale=scale)
     return model, x, y, per_class["l2"].amin(1).float()
-
-
-def test_registered_as_minimal_l2_attack():
-    spec = list_attacks()["ddn"]
-    assert spec.kind is AttackKind.MINIMAL and spec.norms == ("l2",) and spec.targeted
-    attack = create_attack("ddn", steps=10, gamma=0.1)
-    assert isinstance(attack, DDN) and attack.steps == 10 and attack.gamma == 0.1
 
 
 def test_cosine_schedule():
@@ -74,8 +66,7 @@ def test_matches_adv_lib_with_quantisation():
         pytest.skip("adv-lib is not installed")
     torch.manual_seed(0)
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(24, 1, 8, 8, generator=gen) * 255).round() / 255
+    x = (random_batch(24, seed=1)[0] * 255).round() / 255
     with torch.no_grad():
         y = model(x).argmax(1)
     ours = DDN(steps=60)(model, x, y)
@@ -91,9 +82,8 @@ def test_matches_adv_lib_with_quantisation():
 def test_quantised_output_and_box():
     torch.manual_seed(0)
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(2)
-    x = (torch.rand(16, 1, 8, 8, generator=gen) * 255).round() / 255
-    y = torch.randint(0, 10, (16,), generator=gen)
+    x, y = random_batch(16, seed=2)
+    x = (x * 255).round() / 255
     result = DDN(steps=30)(model, x, y)
     assert result.adv.min() >= 0 and result.adv.max() <= 1
     levels = result.adv * 255
@@ -114,8 +104,7 @@ def test_no_early_stop_and_pass_counts():
 def test_eps_variant_stays_in_ball_and_verifies_success():
     torch.manual_seed(0)
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(16, 1, 8, 8, generator=gen)
+    x, _ = random_batch(16, seed=3)
     with torch.no_grad():
         y = model(x).argmax(1)
     free = DDN(steps=40)(model, x, y)
@@ -217,19 +206,8 @@ def test_radius_is_capped_at_the_farthest_point_of_the_box():
     assert (result.norms < 0.2 * cap).all()
 
 
-def test_batch_of_one_and_model_state():
-    model = TinyCNN()
-    model.train()
-    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(4))
-    result = DDN(steps=5)(model, x, torch.tensor([3]))
-    assert result.adv.shape == x.shape and model.training
-    assert all(p.requires_grad and p.grad is None for p in model.parameters())
-
-
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         DDN(gamma=1.5)
     with pytest.raises(ValueError):
         DDN(levels=1)
-    with pytest.raises(ValueError):
-        DDN(steps=3)(TinyCNN().eval(), torch.full((2, 1, 8, 8), 1.5), torch.zeros(2, dtype=torch.long))

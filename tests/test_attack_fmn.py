@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LinearNet, linear_problem, run_cli
+from helpers import LinearNet, linear_problem, random_batch, run_cli
 from test_inputs import TINY
 
 from advtrain.attacks import FMN, attack_class, create_attack, list_attacks
@@ -151,7 +151,7 @@ def test_median_norm_matches_adv_lib_at_the_same_budget():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 6 * 6, 10)).eval()  # fmt: skip
-    x = torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x, _ = random_batch(60, seed=1)
     with torch.no_grad():
         y = model(x).argmax(1)
     for norm, p in (("l0", 0.0), ("l1", 1.0), ("l2", 2.0), ("linf", float("inf"))):

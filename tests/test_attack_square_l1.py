@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyCNN, digits_mlp
+from helpers import TinyCNN, digits_mlp, random_batch
 from torch import nn
 
-from advtrain.attacks import Square, list_attacks
+from advtrain.attacks import Square
 from advtrain.attacks.square import l1_square_pattern
 from advtrain.threat import geometry_for
 
@@ -31,8 +31,7 @@ def test_l1_pattern():
 def test_l1_square_stays_in_ball_and_box(shape):
     torch.manual_seed(0)
     model = TinyCNN().eval() if shape[0] == 1 else nn.Sequential(nn.Flatten(), nn.Linear(300, 10)).eval()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(6, *shape, generator=gen)
+    x, _ = random_batch(6, shape, seed=1)
     x[:, :, :3] = 0.0  # a face of the box, as on digits
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -47,7 +46,7 @@ def test_l1_square_stays_in_ball_and_box(shape):
         assert torch.equal(model(result.adv).argmax(1) != y, result.success)
     again = attack(model, x, y, eps=eps)
     assert torch.equal(again.adv, result.adv)
-    assert result.forward_passes <= 6 * 61 and "l1" in list_attacks()["square"].norms
+    assert result.forward_passes <= 6 * 61
 
 
 def test_l1_square_is_as_strong_as_autoattacks():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import random_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 import advtrain.maximizers as maximizers
@@ -111,8 +112,7 @@ def test_every_maximizer_declares_its_budgets_and_restores_them_exactly(cls):
 
 
 def _digits(n=6):
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen), torch.arange(n)
+    return *random_batch(n, (1, 28, 28)), torch.arange(n)
 
 
 @pytest.mark.parametrize("cls", [c for c in MAXIMIZERS if c.budget_keys], ids=lambda c: c.__name__)

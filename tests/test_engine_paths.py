@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyCNN
+from helpers import TinyCNN, random_batch
 
 from advtrain.attacks import PGD
 from advtrain.engine.loop import ascent_step
@@ -12,15 +12,10 @@ from advtrain.maximizers import PGD as PGDMaximizer
 from advtrain.threat import geometry_for
 
 
-def _data(n=8):
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_ascent_step_is_the_projected_steepest_step(norm):
     geo = geometry_for(norm)
-    x, _ = _data()
+    x, _ = random_batch(8)
     delta, grad = torch.randn_like(x) * 0.05, torch.randn_like(x)
     alpha, eps = torch.full((8,), 0.02), torch.full((8,), 0.1)
     expected = geo.project_ball_box(x, delta + 0.02 * geo.ascent_direction(grad), eps)
@@ -31,7 +26,7 @@ def test_ascent_step_is_the_projected_steepest_step(norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_compiled_step_matches_eager(norm):
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(8)
     eager = PGD(norm=norm, eps=0.1, steps=5, seed=0)(model, x, y)
     compiled = PGD(norm=norm, eps=0.1, steps=5, seed=0, compile=True)(model, x, y)
     torch.testing.assert_close(compiled.adv, eager.adv, atol=1e-6, rtol=0)
@@ -41,7 +36,7 @@ def test_compiled_step_matches_eager(norm):
 
 def test_bf16_autocast_keeps_perturbation_in_float32_and_inside_the_ball():
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(8)
     result = PGD(eps=0.1, steps=4, seed=0, autocast="bf16")(model, x, y)
     assert result.adv.dtype == torch.float32
     assert (result.adv - x).abs().max() <= 0.1 + 1e-6

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Float64Compute, TinyCNN
+from helpers import Float64Compute, TinyCNN, random_batch
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -44,7 +44,7 @@ def _problem(n: int = 40):
     """TinyCNN at its own predictions, with every fifth label wrong (those samples are not attacked)."""
     torch.manual_seed(0)
     model = TinyCNN().eval()
-    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, _ = random_batch(n)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[::5] = (y[::5] + 1) % 10
@@ -233,7 +233,7 @@ class _Band(nn.Module):
 
 
 def _band_problem(n: int = 6):
-    x = 0.5 + 0.002 * (2 * torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) - 1)
+    x = 0.5 + 0.002 * (2 * random_batch(n)[0] - 1)
     return _Band(), x, torch.zeros(n, dtype=torch.long)
 
 

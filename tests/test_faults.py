@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import linear_problem
+from helpers import linear_problem, random_batch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -85,9 +85,7 @@ def _tiny_fit(
     folder: Path, callbacks: list, *, steps: int = 4, model_hook=None, samples: int = 32, checkpoint_every: int = 1,
     plugins: list | None = None, **module_kwargs,
 ) -> tuple[AdvTrainer, AdversarialTraining]:  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(samples, 1, 28, 28, generator=gen),
-                         torch.randint(0, 10, (samples,), generator=gen), torch.arange(samples))  # fmt: skip
+    data = TensorDataset(*random_batch(samples, (1, 28, 28)), torch.arange(samples))
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8}, **module_kwargs)
     if model_hook is not None:
         model_hook(module)

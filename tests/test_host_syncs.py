@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import random_batch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from sync_detector import HostSyncDetector, fit_counting_syncs
 from torch.overrides import TorchFunctionMode
@@ -39,13 +40,10 @@ def _module(maximizer=None, objective=None, **kwargs) -> AdversarialTraining:
                                objective=objective, **kwargs)  # fmt: skip
 
 
-def _data(n: int = 24, *, model: torch.nn.Module | None = None) -> TensorDataset:
+def _dataset(n: int = 24, *, model: torch.nn.Module | None = None) -> TensorDataset:
     """Random images; labels random, or ``model``'s own (confident) predictions so that attacks have work to do."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 1, 28, 28, generator=gen)
-    if model is None:
-        y = torch.randint(0, 10, (n,), generator=gen)
-    else:
+    x, y = random_batch(n, (1, 28, 28))
+    if model is not None:
         with torch.no_grad():
             y = model.eval()(x).argmax(1)
         model.train()
@@ -94,7 +92,7 @@ SYNC_FREE = {
 
 @pytest.mark.parametrize("name", sorted(SYNC_FREE))
 def test_training_steps_make_no_host_sync(name):
-    result = _fit(_module(*SYNC_FREE[name]()), _data())
+    result = _fit(_module(*SYNC_FREE[name]()), _dataset())
     assert result.counts() == [0, 0, 0], result.report()
     # The divergence record is read at the end of the epoch and of training; nothing else of advtrain syncs there.
     ours = Counter(_site(e) for e in result.end if e.where.startswith("advtrain/"))
@@ -105,7 +103,7 @@ def test_training_steps_make_no_host_sync(name):
 def test_a_budget_schedule_adds_no_host_sync(name):
     maximizer, objective = SYNC_FREE[name]()
     module = _module(maximizer, objective, budget_schedule=BudgetRamp(start=0.5, steps=2))
-    result = _fit(module, _data())
+    result = _fit(module, _dataset())
     assert result.counts() == [0, 0, 0], result.report()
 
 
@@ -150,7 +148,7 @@ def test_algorithms_that_need_syncs_make_only_theirs(name):
     module = _module(*factory())
     if confident:
         _confident(module)
-    result = _fit(module, _data(model=module.model if confident else None))
+    result = _fit(module, _dataset(model=module.model if confident else None))
     for events in result.steps:
         assert not _over_budget(events, budget), result.report()
     assert max(result.counts()) > 0  # the attack did run (and its syncs were seen)
@@ -161,7 +159,7 @@ def test_ddn_on_an_accelerator_makes_no_host_sync(monkeypatch):
     import advtrain.attacks.ddn as ddn_module
 
     monkeypatch.setattr(ddn_module, "_noise_every_step", lambda device: True)  # what it answers off the CPU
-    result = _fit(_module(DDN(eps=2.0, steps=K)), _data())
+    result = _fit(_module(DDN(eps=2.0, steps=K)), _dataset())
     assert result.counts() == [0, 0, 0], result.report()
 
 
@@ -172,7 +170,7 @@ def test_a_new_sync_in_the_step_is_caught():
                 pass
             return super().__call__(model, inputs, labels, index)
 
-    result = _fit(_module(Chatty(eps=0.3, steps=1, step_size=0.1)), _data())
+    result = _fit(_module(Chatty(eps=0.3, steps=1, step_size=0.1)), _dataset())
     assert result.counts() == [1, 1, 1]
     assert _site(result.steps[0][0]) == "__bool__ tests/test_host_syncs.py (__call__)"
 
@@ -184,7 +182,7 @@ def test_batches_are_checked_once_on_the_host_and_not_again_in_the_step(monkeypa
     calls = []
     real = AdversarialTraining._check
     monkeypatch.setattr(AdversarialTraining, "_check", lambda self, x, y: calls.append(x.device) or real(self, x, y))
-    result = _fit(_module(PGD(eps=0.3, steps=1, step_size=0.1)), _data())
+    result = _fit(_module(PGD(eps=0.3, steps=1, step_size=0.1)), _dataset())
     assert result.counts() == [0, 0, 0]
     assert len(calls) == 3  # one per batch, in on_before_batch_transfer (whose syncs are host-side, not recorded)
 
@@ -199,7 +197,7 @@ def test_batches_are_checked_once_on_the_host_and_not_again_in_the_step(monkeypa
     ids=["pixels", "labels", "nan"],
 )
 def test_bad_batches_are_rejected_on_the_host_with_the_same_messages(corrupt, message):
-    data = _data(16)
+    data = _dataset(16)
     x, y = corrupt(*data.tensors[:2])
     module = _module(PGD(eps=0.3, steps=1, step_size=0.1))
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -214,7 +212,7 @@ def test_a_batch_already_on_the_device_is_checked_in_the_step(monkeypatch):
     import advtrain.training.module as module_file
 
     monkeypatch.setattr(module_file, "_is_host_batch", lambda batch: False)  # as for a loader yielding GPU tensors
-    data = _data(16)
+    data = _dataset(16)
     module = _module(PGD(eps=0.3, steps=1, step_size=0.1))
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")  # fmt: skip
@@ -264,7 +262,7 @@ def test_reads_happen_only_every_n_steps_and_with_lightnings_logging(tmp_path):
     bar shows epoch values only. Every other step is sync-free."""
     from pytorch_lightning.loggers import CSVLogger
 
-    result = _fit(_module(PGD(eps=0.3, steps=1, step_size=0.1)), _data(56), steps=7, log_every_n_steps=3,
+    result = _fit(_module(PGD(eps=0.3, steps=1, step_size=0.1)), _dataset(56), steps=7, log_every_n_steps=3,
                   logger=CSVLogger(tmp_path), enable_progress_bar=True)  # fmt: skip
     assert [k for k, n in enumerate(result.counts()) if n] == [2, 5], result.report()
     for k in (2, 5):

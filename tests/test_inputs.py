@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LinearNet, TinyCNN, run_cli
+from helpers import LinearNet, TinyCNN, random_batch, run_cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -351,9 +351,7 @@ def test_epoch_level_train_metrics_are_reduced_over_ranks(monkeypatch, tmp_path)
         return real_log(self, name, value, *args, **kwargs)
 
     monkeypatch.setattr(AdversarialTraining, "log", recording_log)
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen),
-                         torch.arange(8))  # fmt: skip
+    data = TensorDataset(*random_batch(8, (1, 28, 28)), torch.arange(8))
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8})
     trainer = AdvTrainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import LinearNet, run_advtrain
+from helpers import LinearNet, random_batch, run_advtrain
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -250,7 +250,7 @@ SUITE = [  # a one-step DeepFool fails on about half the samples, so BIM is cred
 
 def _problem(n: int = 30):
     model = GapNet(1, classes=5).eval()
-    x = torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    x, _ = random_batch(n, (1, 12, 12), seed=1)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[::7] = (y[::7] + 1) % 5  # a few misclassified samples: never attacked, never scored

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, random_batch
 
 from advtrain.maximizers import (
     PGD,
@@ -17,11 +17,6 @@ from advtrain.maximizers import (
     smoothed_labels,
 )
 from advtrain.training import SoftLabelCE, TRADESLoss
-
-
-def _data(n=8):
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
 def test_adversarial_label_mass_ratio_and_direction():
@@ -70,7 +65,7 @@ def test_bilateral_image_step_targets_the_most_confusing_class():
 
 def test_soft_label_ce():
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(8)
     soft = smoothed_labels(y, 10, smoothing=0.3)
     out = SoftLabelCE()(model, x, y, SoftLabelPerturbation(adv=x, soft_labels=soft))
     expected = -(soft * F.log_softmax(model(x), dim=1)).sum(1).mean()
@@ -81,7 +76,7 @@ def test_soft_label_ce():
 
 def test_trades_kl_term_matches_hand_computation():
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(8)
     adv = (x + 0.03).clamp(0, 1)
     out = TRADESLoss(beta=6.0)(model, x, y, Perturbation(adv=adv))
     p = F.softmax(model(x), dim=1)
@@ -95,7 +90,7 @@ def test_trades_kl_term_matches_hand_computation():
 
 def test_trades_maximizer_raises_the_kl_inside_ball_and_box():
     model = TinyCNN().eval()
-    x, y = _data()
+    x, y = random_batch(8)
     pert = TRADES(eps=0.1, steps=5, step_size=0.03)(model, x, y)
     assert (pert.adv - x).abs().max() <= 0.1 + 1e-6 and pert.adv.min() >= 0 and pert.adv.max() <= 1
     p = F.softmax(model(x), dim=1)
@@ -107,7 +102,7 @@ def test_trades_maximizer_raises_the_kl_inside_ball_and_box():
 
 
 def test_fast_fgsm_is_one_random_start_step_of_1_25_eps():
-    x, y = _data()
+    x, y = random_batch(8)
     fast = FastFGSM(eps=0.1, attack_mode="eval")
     assert fast.steps == 1 and fast.step_size == 0.125 and fast.random_start
     model = TinyCNN().eval()
@@ -126,7 +121,7 @@ def test_trades_maximizer_equals_the_reference_loop():
     engine clamps ball then box as the loop below does)."""
     torch.manual_seed(0)
     model = TinyCNN().train()
-    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x, _ = random_batch(12, seed=3)
     y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(4))
     eps, alpha = 0.1, 0.03
     torch.manual_seed(7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, random_batch
 
 from advtrain.maximizers import MMA, MarginPerturbation, Perturbation
 from advtrain.training import AdversarialTraining, MMALoss
@@ -76,8 +76,7 @@ def test_hinge_excludes_examples_beyond_dmax():
 
 def test_mma_loss_matches_hand_computation():
     model = TinyCNN().eval()
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(6, 1, 8, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    x, y = random_batch(6)
     adv = (x + 0.05).clamp(0, 1)
     correct = torch.tensor([True, True, True, False, False, True])
     use_adv = torch.tensor([True, False, True, False, False, True])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import random_batch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -235,9 +236,7 @@ def _in_process_fit(folder: Path, *, crash_at: int | None = None, ckpt_path: str
     from advtrain.training import AdversarialTraining, BudgetRamp
 
     pl.seed_everything(0, verbose=False)
-    gen = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.rand(40, 1, 28, 28, generator=gen), torch.randint(0, 10, (40,), generator=gen),
-                         torch.arange(40))  # fmt: skip
+    data = TensorDataset(*random_batch(40, (1, 28, 28), seed=1), torch.arange(40))
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8},
                                  maximizer=PGD(eps=0.1, steps=2, step_size=0.05),

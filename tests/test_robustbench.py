@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_advtrain, sitecustomize_env
+from helpers import ROOT, random_batch, run_advtrain, sitecustomize_env
 
 from advtrain.errors import UserError
 from advtrain.models import WideResNet, create_model, load_robustbench
@@ -124,7 +124,7 @@ def test_load_robustbench_gives_robustbenchs_own_logits(tmp_path, dataset, threa
     ours = load_robustbench(name, path)  # dataset and threat model from RobustBench's file layout
     theirs = _robustbench_load_model()(name, model_dir=tmp_path / "models", dataset=dataset, threat_model=threat)
     assert not ours.training and type(ours) is type(source)
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    x, _ = random_batch(3, (3, 32, 32), seed=2)
     with torch.no_grad():
         logits = ours(x)
         # The same architecture class and the same weights on the same inputs in one process: the same kernels, so
@@ -272,7 +272,7 @@ def test_robustbench_wide_resnet_layout_loads_into_advtrains_wide_resnet(tmp_pat
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     ours = WideResNet(depth=16, widen_factor=2)  # no mean/std: RobustBench's WideResNet has no normalisation
     load_classifier_weights(ours, str(path))
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x, _ = random_batch(3, (3, 32, 32), seed=3, dtype=torch.float64)
     with torch.no_grad():
         # The same function; only the pooling's summation order differs (8x8 average pooling against global average
         # pooling), so in float64 the logits agree to rounding (~1e-16 relative).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LinearNet, TinyCNN
+from helpers import LinearNet, TinyCNN, random_batch
 from torch import nn
 
 from advtrain.maximizers import NFGSM, PGD, Perturbation
@@ -26,9 +26,7 @@ def _linear_ce_input_grad(model: LinearNet, x: torch.Tensor, y: torch.Tensor) ->
 def test_nfgsm_matches_the_algorithm():
     """η ~ U(−2ε, 2ε) clipped to the box, δ = η + ε·sign ∇CE(x + η), x + δ clipped to the box and nothing else."""
     model = LinearNet(64, 10, seed=1)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(16, 1, 8, 8, generator=gen)  # across the whole box: the box clips some coordinates
-    y = torch.randint(0, 10, (16,), generator=gen)
+    x, y = random_batch(16)  # across the whole box: the box clips some coordinates
     eps = 0.05
     torch.manual_seed(3)
     pert = NFGSM(eps=eps)(model, x, y)
@@ -103,9 +101,7 @@ def test_nfgsm_rejects_bad_arguments(kwargs, word):
 def test_grad_align_term_equals_a_hand_computation():
     """λ(1 − mean cos(∇ₓCE(x), ∇ₓCE(x + η))) with the gradients in closed form for a linear model, float64."""
     model = LinearNet(64, 10, seed=4).double()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 10, (12,), generator=gen)
+    x, y = random_batch(12, seed=1, dtype=torch.float64)
     eps = torch.full((12,), 0.1, dtype=torch.float64)
     objective = GradAlignLoss(weight=0.7)
     torch.manual_seed(5)
@@ -127,9 +123,7 @@ def test_grad_align_backpropagates_through_the_gradient():
     at the current weights, float64, on a smooth network (a ReLU network's second derivatives vanish a.e.)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4)).double()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.rand(6, 1, 4, 4, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 4, (6,), generator=gen)
+    x, y = random_batch(6, (1, 4, 4), classes=4, seed=2, dtype=torch.float64)
     eps = torch.full((6,), 0.2, dtype=torch.float64)
     torch.manual_seed(9)
     eta = (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * 0.2

@@ -5,21 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TinyCNN
+from helpers import TinyCNN, random_batch
 
 from advtrain.maximizers import PGD, Perturbation, Standard
 from advtrain.training import AdversarialCE, AdversarialTraining, MixedCE
 from advtrain.training.schedules import Cosine, MultiStep, OneCycle, total_steps_context
 
 
-def _batch():
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-
-
 def test_adversarial_ce_uses_perturbed_inputs_and_mixed_ce_weights_both():
     model = TinyCNN().eval()
-    x, y = _batch()
+    x, y = random_batch(8)
     adv = (x + 0.1).clamp(0, 1)
     out = AdversarialCE()(model, x, y, Perturbation(adv=adv))
     torch.testing.assert_close(out.loss, F.cross_entropy(model(adv), y))
@@ -34,11 +29,11 @@ def test_adversarial_ce_uses_perturbed_inputs_and_mixed_ce_weights_both():
 
 
 def test_standard_maximizer_trains_clean():
-    assert Standard()(TinyCNN(), *_batch()).adv is None
+    assert Standard()(TinyCNN(), *random_batch(8)).adv is None
 
 
 def test_pgd_maximizer_returns_points_inside_ball_and_box():
-    x, y = _batch()
+    x, y = random_batch(8)
     pert = PGD(eps=0.1, steps=3, step_size=0.05)(TinyCNN(), x, y)
     assert (pert.adv - x).abs().max() <= 0.1 + 1e-6 and pert.adv.min() >= 0 and pert.adv.max() <= 1
     assert not torch.equal(pert.adv, x)

@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import random_batch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,8 +32,7 @@ class _Net(nn.Module):
 
 
 def _batch(n: int = 6, classes: int = 4, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=gen, dtype=torch.float64), torch.randint(0, classes, (n,), generator=gen)
+    return random_batch(n, classes=classes, seed=seed, dtype=torch.float64)
 
 
 class _Shift(InnerMaximizer):
@@ -49,9 +49,7 @@ def _trainer(**kwargs) -> pl.Trainer:
 
 
 def _digits(n: int = 24) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen),
-                         torch.arange(n))  # fmt: skip
+    return TensorDataset(*random_batch(n, (1, 28, 28)), torch.arange(n))
 
 
 # ------------------------------------------------------------------------------------------------------------ AWP
@@ -88,8 +86,7 @@ def test_awp_step_is_the_update_at_the_perturbed_point_applied_to_the_unperturbe
                                  maximizer=_Shift(), weight_perturbation=AWP(gamma=0.05),
                                  optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, weight_decay=0.01),
                                  track_clean_train=False).double()  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(8, 1, 28, 28, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen)
+    x, y = random_batch(8, (1, 28, 28), dtype=torch.float64)
     start = copy.deepcopy(module.model)
 
     # Independent computation: the loss at w on the perturbed inputs, the per-layer offsets by hand, then one SGD
@@ -247,8 +244,7 @@ def test_free_at_replays_m_times_with_the_carried_perturbation_and_m_optimizer_s
     """Through Lightning (manual optimisation): 3 minibatches (the last one smaller), m = 4: 12 optimizer steps, and
     weights and carried δ equal the paper's loop, float64. Tolerance 1e-10: the two paths sum in different orders
     (≈ 1e-12 after 12 steps here); skipping the carry or a replay changes the weights by ≈ 1e-3."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(10, 1, 28, 28, generator=gen, dtype=torch.float64), torch.randint(0, 10, (10,), generator=gen)
+    x, y = random_batch(10, (1, 28, 28), dtype=torch.float64)
     torch.manual_seed(0)
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 2, "hidden": 4, "dropout": 0.0},
                                  maximizer=FreeAT(eps=0.1, m=4), optimizer=lambda p: torch.optim.SGD(p, lr=0.05),

@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, run_advtrain
+from helpers import ROOT, random_batch, run_advtrain
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -224,15 +224,10 @@ class _Halves(InnerMaximizer):
         return 2
 
 
-def _digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, 28, 28, generator=gen, dtype=torch.float64), torch.randint(0, 10, (n,), generator=gen)
-
-
 def test_a_toy_maximizer_with_its_own_strategy_trains_through_the_module():
     """Through Lightning: 3 batches of 4, two SGD steps per batch on the halves, scheduler stepped per batch; weights
     equal a plain float64 loop doing the same (tolerance 1e-10: summation order; one missed step moves them ≈ 1e-3)."""
-    x, y = _digits(12)
+    x, y = random_batch(12, (1, 28, 28), dtype=torch.float64)
     torch.manual_seed(0)
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 2, "hidden": 4, "dropout": 0.0},
                                  maximizer=_Halves(), optimizer=lambda p: torch.optim.SGD(p, lr=0.05),

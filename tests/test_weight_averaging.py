@@ -8,6 +8,7 @@ import logging
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import random_batch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
@@ -94,9 +95,7 @@ def _fit(folder, *, crash_at=None, ckpt_path=None, epochs=3):
     from advtrain.training import AdversarialTraining
 
     pl.seed_everything(0, verbose=False)
-    gen = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.rand(40, 1, 28, 28, generator=gen), torch.randint(0, 10, (40,), generator=gen),
-                         torch.arange(40))  # fmt: skip
+    data = TensorDataset(*random_batch(40, (1, 28, 28), seed=1), torch.arange(40))
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(TensorDataset(data.tensors[0][:16], data.tensors[1][:16]), batch_size=8)
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 8},

@@ -6,6 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import random_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 from advtrain.maximizers import YOPO
@@ -17,10 +18,7 @@ from advtrain.training import AdversarialTraining
 def _setup():
     torch.manual_seed(0)
     model = create_model("small_cnn", width=4, hidden=16, dropout=0.0, input_size=16).train()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(6, 1, 16, 16, generator=gen)
-    y = torch.randint(0, 10, (6,), generator=gen)
-    return model, x, y
+    return model, *random_batch(6, (1, 16, 16), seed=1)
 
 
 def _reference(model, x, y, m, n, sigma, eps, eta):
@@ -89,9 +87,7 @@ def test_module_trains_with_yopo_in_manual_optimisation(tmp_path):
     module = AdversarialTraining(arch="small_cnn", arch_kwargs={"width": 4, "hidden": 16},
                                  maximizer=YOPO(eps=0.1, m=2, n=2, sigma=0.02))  # fmt: skip
     assert not module.automatic_optimization
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen),
-                         torch.arange(16))  # fmt: skip
+    data = TensorDataset(*random_batch(16, (1, 28, 28)), torch.arange(16))
     before = [p.detach().clone() for p in module.parameters()]
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          default_root_dir=tmp_path, enable_model_summary=False)  # fmt: skip
