@@ -64,6 +64,12 @@ class YOPO(InnerMaximizer):
     Budget schedule: ``eps`` and the inner step ``sigma`` scale together (σ/ε constant), so the n inner steps cross
     the same fraction of the ball at every factor.
 
+    Why its rounds are not an attack on :meth:`advtrain.engine.core.AttackCore.loop`: that loop evaluates the model at
+    each iterate (logits, verdicts, retirement) and advances it; YOPO's inner steps never call the model — they
+    differentiate layer one alone against the costate p of the last full pass — and every round also accumulates
+    weight gradients. Its steps share the engine's :func:`~advtrain.engine.loop.ascent_step` (projection onto ball ∩
+    box); the seam that keeps it out of the module is its step strategy, :class:`YOPOStep`.
+
     Args:
         norm: ``"linf"`` (the paper) or ``"l2"``.
         eps: budget (CIFAR 8/255; MNIST 0.3).
