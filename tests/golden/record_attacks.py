@@ -10,6 +10,7 @@ behaviour is meant to change, and say why in the commit.
 from __future__ import annotations
 
 import sys
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -110,13 +111,15 @@ def run_case(key: str, name: str, norm: str, kwargs: dict, problem) -> dict:
     }
 
 
-def record() -> dict:
+def record(known: Container[str] = ()) -> dict:
+    """Runs every case on both problems, except the ``known`` keys (``"<case>|<problem>"``)."""
     torch.use_deterministic_algorithms(True)
     probs = problems()
     out = {}
     for key, name, norm, kwargs in cases():
         for pname, problem in probs.items():
-            out[f"{key}|{pname}"] = run_case(key, name, norm, dict(kwargs), problem)
+            if f"{key}|{pname}" not in known:
+                out[f"{key}|{pname}"] = run_case(key, name, norm, dict(kwargs), problem)
     return out
 
 
@@ -126,16 +129,10 @@ def add_new() -> list[str]:
     stored = torch.load(GOLDEN, weights_only=True)
     if stored["torch"].split("+")[0] != torch.__version__.split("+")[0]:
         raise SystemExit(f"{GOLDEN} was recorded under torch {stored['torch']}; this is {torch.__version__}.")
-    torch.use_deterministic_algorithms(True)
-    probs = problems()
-    added = []
-    for key, name, norm, kwargs in cases():
-        for pname, problem in probs.items():
-            if f"{key}|{pname}" not in stored["cases"]:
-                stored["cases"][f"{key}|{pname}"] = run_case(key, name, norm, dict(kwargs), problem)
-                added.append(f"{key}|{pname}")
+    added = record(known=stored["cases"])
+    stored["cases"].update(added)
     torch.save(stored, GOLDEN)
-    return added
+    return list(added)
 
 
 if __name__ == "__main__":
