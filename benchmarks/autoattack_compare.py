@@ -113,11 +113,15 @@ def test_digits(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: bool) -> dict:
-    """The official AutoAttack, standard version: robust accuracy (or, ``individual``, per attack alone)."""
+def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: bool, seed: int = 0,
+             only: str | None = None) -> dict:  # fmt: skip
+    """The official AutoAttack, standard version: robust accuracy and the digits still robust (or, ``individual``,
+    per attack alone); ``only``: that attack of the standard version alone, on every correctly classified digit."""
     from pyautoattack import AutoAttack
 
-    adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+    adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=seed, device="cpu")
+    if only is not None:
+        adversary.attacks_to_run = [only]  # its standard-version configuration, run alone
     start = time.perf_counter()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
@@ -130,20 +134,34 @@ def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: boo
         return {"clean": clean, "attacks": out, "seconds": time.perf_counter() - start}
     adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
     with torch.no_grad():
-        robust = (model(adv).argmax(1) == y).float().mean().item()
-    return {"clean": clean, "robust": robust, "seconds": time.perf_counter() - start}
+        robust = model(adv).argmax(1) == y
+    return {"clean": clean, "robust": robust.float().mean().item(), "seconds": time.perf_counter() - start,
+            "robust_digits": robust.nonzero().flatten().tolist()}  # fmt: skip
 
 
-def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suite: str, adaptive: bool) -> dict:
-    """advtrain's suite; with ``adaptive`` the escalation runs when a masking check fires, and the suite's own number
-    and time (``robust``, ``seconds``) are reported apart from the escalated ones."""
-    from advtrain.evaluation import evaluate_robustness
+def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suite: str, adaptive: bool,
+         seed: int = 0, only: str | None = None) -> dict:  # fmt: skip
+    """advtrain's suite; with ``adaptive`` the escalation runs when a masking check fires, and the suite's own number,
+    time and robust digits (``robust``, ``seconds``, ``robust_digits``) are reported apart from the escalated ones;
+    ``only``: the suite's attack of that label alone."""
+    from advtrain.evaluation import build_suite, evaluate_robustness
+    from advtrain.evaluation.records import select_attacks
+    from advtrain.evaluation.report import robust_under_all
+    from advtrain.evaluation.suites import suite_entries
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    attacks = None
+    if only is not None:
+        entries = [entry for entry in suite_entries(suite) if entry.label == only]
+        attacks, suite, adaptive = build_suite(entries, norm="linf", eps=EPS, seed=seed), None, False
     start = time.perf_counter()
-    report = evaluate_robustness(model, loader, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS], cascade=cascade,
-                                 progress=False, seed=0, adaptive=adaptive).as_dict()  # fmt: skip
+    result = evaluate_robustness(model, loader, attacks, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS],
+                                 cascade=cascade, progress=False, seed=seed, adaptive=adaptive)  # fmt: skip
     seconds = time.perf_counter() - start
+    report = result.as_dict()
+    n_suite = len(report["attacks"]) - (len(report["escalation"]["steps"]) if report.get("escalation") else 0)
+    standing = robust_under_all(select_attacks(result.data, slice(0, n_suite)), [EPS])[:, 0]
+    robust_digits = result.data["index"][standing].tolist()
     attacks = {name: a["robust_accuracy"] for name, a in report["attacks"].items()}
     escalation = report.get("escalation")
     extra_s = sum(step["seconds"] for step in escalation["steps"]) if escalation else 0.0
@@ -151,11 +169,64 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suit
             "robust": escalation["robust_accuracy_before"] if escalation else report["robust_accuracy_all"],
             "escalated": report["robust_accuracy_all"], "seconds": seconds - extra_s, "escalation_s": extra_s,
             "masking": [c["name"] for c in report["masking_checks"] if c["fired"]],
-            "steps": {s["attack"]: s["robust_after"] for s in escalation["steps"]} if escalation else {}}  # fmt: skip
+            "steps": {s["attack"]: s["robust_after"] for s in escalation["steps"]} if escalation else {},
+            "robust_digits": robust_digits}  # fmt: skip
 
 
 # advtrain's label of each official attack
 PAIRS = {"apgd-ce": "apgd-ce", "apgd-t": "apgd-t", "fab-t": "fab-t", "square": "square"}
+
+
+def seed_study(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, seeds: list[int], sides: list[str],
+               only: str | None, suite: str) -> list[dict]:  # fmt: skip
+    """Both sides with each seed on the same digits (AutoAttack's standard version, or the attack ``only`` alone):
+    one row per model, seed and side, with the digits still robust. Stochastic attacks (random starts, Square's
+    windows) land a digit or two apart from one seed to the next; the comparison that means something is between the
+    two distributions, not between two single runs."""
+    rows = []
+    for name, model in models.items():
+        for seed in seeds:
+            for side in sides:
+                if side == "official":
+                    out = official(model, x, y, False, seed=seed, only=only)
+                else:
+                    out = ours(model, x, y, True, suite, False, seed=seed, only=only)
+                rows.append({"model": name, "attack": only or suite, "seed": seed, "side": side,
+                             "robust": out["robust"], "seconds": out["seconds"],
+                             "robust_digits": out["robust_digits"]})  # fmt: skip
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "robust_digits"}), flush=True)
+    return rows
+
+
+def summarize_seeds(rows: list[dict]) -> list[dict]:
+    """Per model and attack: each side's robust accuracy over the seeds (mean, min, max), and the digits one side
+    breaks in some seed that the other side breaks in none."""
+    out = []
+    for key in sorted({(r["model"], r["attack"]) for r in rows}):
+        group = [r for r in rows if (r["model"], r["attack"]) == key]
+        stats = {}
+        for side in ("official", "advtrain"):
+            runs = [r for r in group if r["side"] == side]
+            values = [100 * r["robust"] for r in runs]
+            never_broken = set.intersection(*(set(r["robust_digits"]) for r in runs)) if runs else set()
+            stats[side] = {"seeds": len(runs), "mean": sum(values) / len(values) if values else None,
+                           "min": min(values, default=None), "max": max(values, default=None),
+                           "never_broken": never_broken}  # fmt: skip
+        off, adv = stats["official"], stats["advtrain"]
+        out.append({"model": key[0], "attack": key[1], "seeds": f"{off['seeds']}/{adv['seeds']}",
+                    "official_mean": off["mean"], "official_range": _span(off),
+                    "advtrain_mean": adv["mean"], "advtrain_range": _span(adv),
+                    "only_official_breaks": len(adv["never_broken"] - off["never_broken"]),
+                    "only_advtrain_breaks": len(off["never_broken"] - adv["never_broken"])})  # fmt: skip
+    return out
+
+
+def _span(stats: dict) -> str:
+    return "-" if stats["min"] is None else f"{stats['min']:.1f}–{stats['max']:.1f}"
+
+
+SEED_COLUMNS = ["model", "attack", "seeds", "official_mean", "official_range", "advtrain_mean", "advtrain_range",
+                "only_official_breaks", "only_advtrain_breaks"]  # fmt: skip
 
 
 def main() -> None:
@@ -169,12 +240,29 @@ def main() -> None:
     parser.add_argument("--individual-only", action="store_true", help="only the attack-by-attack comparison")
     parser.add_argument("--individual-samples", type=int, default=None, help="digits of it (default: --samples)")
     parser.add_argument("--tag", default="", help="suffix of the result files (for runs of model subsets)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seed study: both sides with each of these seeds (not timed side by side)")  # fmt: skip
+    parser.add_argument("--only", choices=sorted(PAIRS), default=None, help="seed study of this attack alone")
+    parser.add_argument("--side", choices=["both", "official", "advtrain"], default="both",
+                        help="seed study: one side only (to run the two sides in two processes)")  # fmt: skip
+    parser.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="summarize the rows of seed-study result files (e.g. the two sides' runs)")  # fmt: skip
     opts = parser.parse_args()
+    if opts.summarize:
+        rows = [row for path in opts.summarize for row in json.loads(path.read_text())]
+        write_table(f"autoattack_compare_seeds_summary{opts.tag}", summarize_seeds(rows), SEED_COLUMNS)
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     models = {name: load(name) for name in opts.models}
     if opts.train_only:
         return
     x, y = test_digits(opts.samples)
+    if opts.seeds is not None:
+        sides = ["official", "advtrain"] if opts.side == "both" else [opts.side]
+        rows = seed_study(models, x, y, opts.seeds, sides, opts.only, opts.suite)
+        write_table(f"autoattack_compare_seeds{opts.tag}", rows, [c for c in rows[0] if c != "robust_digits"])
+        write_table(f"autoattack_compare_seeds_summary{opts.tag}", summarize_seeds(rows), SEED_COLUMNS)
+        return
     n_individual = opts.individual_samples or opts.samples
     rows, individual = [], []
     for i, (name, model) in enumerate(models.items()):
