@@ -99,9 +99,15 @@ class AdvArgumentParser(LightningArgumentParser):
     #: The command line being parsed (set by :func:`build_cli`), to name the ``--config`` file of a YAML error.
     cli_args: ClassVar[list[str]] = []
 
+    def print_usage(self, file: Any = None) -> None:
+        """One line instead of argparse's usage, which for these commands lists every option over some 70 lines and
+        buries the error printed after it; ``--help`` still gives them all."""
+        (file or sys.stderr).write(f"usage: {self.prog.replace(' [options]', '')} [-c CONFIG] [--KEY VALUE ...]\n")
+
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         if "<unicode string>" in message:
             message = message.replace('"<unicode string>"', _broken_config_file(self.cli_args))
+        message = _without_the_none_branch(message)
         return super().error(message + self._hint(message), ex)
 
     def _hint(self, message: str) -> str:
@@ -131,6 +137,34 @@ class AdvArgumentParser(LightningArgumentParser):
             if close and word not in known:
                 return f"\n  Did you mean: {', '.join(close)}?"
         return ""
+
+
+def _without_the_none_branch(message: str) -> str:
+    """jsonargparse's error for a bad value of an optional key (``X | None``) lists both branches of the union, the
+    types and what was given in seven lines; this keeps what the user needs: the key, what ``X`` expects (nested
+    errors of a component's arguments included), and the given value. Other messages pass unchanged."""
+    lines = message.splitlines()
+    if len(lines) < 4 or "Does not validate against any of the Union subtypes" not in lines[1]:
+        return message
+    try:
+        first = next(i for i, line in enumerate(lines) if line.strip() == "Errors:") + 1
+        given = next(i for i, line in enumerate(lines) if line.strip().startswith("Given value type:"))
+    except StopIteration:
+        return message
+    branches: list[list[str]] = []
+    for line in lines[first:given]:
+        if line.strip().startswith("- "):
+            branches.append([line.strip()[2:]])
+        elif branches:
+            branches[-1].append(line)
+    kept = [b for b in branches if not b[0].startswith("Expected a <class 'NoneType'>")]
+    if len(kept) != 1 or len(branches) != 2:
+        return message  # not ``X | None``: every branch's error stays
+    value = next((line.strip() for line in lines[given:] if line.strip().startswith("Given value:")), "")
+    head, *nested = kept[0]
+    dedent = min((len(n) - len(n.lstrip()) for n in nested if n.strip()), default=0)
+    body = "".join(f"\n  {n[dedent:]}" for n in nested)
+    return f"{lines[0]} {head}{body}\n  {value} (null is allowed too)"
 
 
 def threat_norm(value: str) -> str:
@@ -355,6 +389,9 @@ class AdvTrainCLI(LightningCLI):
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
+        # ``python -m advtrain`` in usage lines and tips, not ``__main__.py`` (argv[0] of a ``-m`` run)
+        if os.path.basename(sys.argv[0]) == "__main__.py":
+            kwargs.setdefault("prog", "python -m advtrain")
         return super().init_parser(**kwargs)
 
     def instantiate_classes(self) -> None:

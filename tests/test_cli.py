@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from advtrain.cli import build_cli, main
 from advtrain.training import AdversarialTraining
@@ -259,3 +260,25 @@ MNIST_FRAGMENTS = sorted((ROOT / "configs" / "maximizer").glob("*_mnist.yaml")) 
 def test_maximizer_fragments_compose_onto_the_quickstart(fragment, in_tmp):
     cli = main(["fit", "--config", QUICKSTART, "--config", str(fragment), "--trainer.fast_dev_run", "true"])
     assert "val/robust_acc" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["evaluate", "--suite", "autoatack"], ['"suite"', "'autoattack'", "'full'", "autoatack"]),
+        (["fit", "--trainer.max_epochs", "ten"], ['"trainer.max_epochs"', "int", "ten"]),
+        (["evaluate", "--attacks", "[{class_path: FMN, init_args: {norm: l3}}]"],
+         ['"attacks"', "FMN", '"norm"', "'l0', 'l1', 'l2', 'linf'", "l3"]),
+    ],
+)  # fmt: skip
+def test_a_bad_value_is_a_short_error_naming_the_key_and_what_it_takes(tmp_path, args, names):
+    """Through ``python -m advtrain``: a bad value of an optional key exits 2 with a one-line usage, the tip, and the
+    error naming the key, what it accepts and the value given, not argparse's 70-line usage and jsonargparse's account
+    of both branches of ``X | None``."""
+    code, out = run_cli(*args, cwd=tmp_path)
+    lines = out.strip().splitlines()
+    assert code == 2, out
+    assert lines[0].startswith(f"usage: python -m advtrain {args[0]} ") and len(lines) <= 6, out
+    assert "Traceback" not in out and "NoneType" not in out and "Union subtypes" not in out, out
+    for name in names:
+        assert name in out, (name, out)
