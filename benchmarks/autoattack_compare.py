@@ -23,8 +23,17 @@ the cascade), so that each of APGD-T, FAB-T and Square can be compared with its 
 advtrain's number must be ≤ the official one everywhere (lower is a stronger attack). Where a gradient-masking check
 fires, advtrain's suite escalates (``adaptive``, its default for ``autoattack``): the table gives the suite's own
 number and time (the same protocol as the official code) and, apart, the escalated number and the escalation's time.
+Times are wall and CPU seconds of the process: run with ``OMP_NUM_THREADS=1`` on a shared machine, where the CPU
+time ratio (``cpu_speedup``) does not move with the other jobs' load as the wall time ratio does.
+
+Seed study (``--seeds``): the stochastic attacks (random starts, Square's windows) land a digit or two apart from one
+seed to the next, so single runs of the two sides can differ by that much either way; ``--seeds 0 1 2 3 4`` runs both
+sides with each seed (``--only square``: that attack alone) and compares the distributions, and the digits each side
+breaks that the other never does. ``--side`` runs one side, so that the two can run in two processes;
+``--summarize`` merges their result files.
 
     python benchmarks/autoattack_compare.py [--models standard pgd plain-pgd trades] [--samples 200] [--train-only]
+    python benchmarks/autoattack_compare.py --models pgd --samples 100 --seeds 0 1 2 3 4 --only square
 
 Prints a markdown table and writes ``autoattack_compare.json`` (and ``..._individual.json``).
 """
@@ -122,7 +131,7 @@ def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: boo
     adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=seed, device="cpu")
     if only is not None:
         adversary.attacks_to_run = [only]  # its standard-version configuration, run alone
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     if individual:
@@ -136,6 +145,7 @@ def official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, individual: boo
     with torch.no_grad():
         robust = model(adv).argmax(1) == y
     return {"clean": clean, "robust": robust.float().mean().item(), "seconds": time.perf_counter() - start,
+            "cpu_s": time.process_time() - cpu,
             "robust_digits": robust.nonzero().flatten().tolist()}  # fmt: skip
 
 
@@ -154,10 +164,10 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suit
     if only is not None:
         entries = [entry for entry in suite_entries(suite) if entry.label == only]
         attacks, suite, adaptive = build_suite(entries, norm="linf", eps=EPS, seed=seed), None, False
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = evaluate_robustness(model, loader, attacks, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS],
                                  cascade=cascade, progress=False, seed=seed, adaptive=adaptive)  # fmt: skip
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     report = result.as_dict()
     n_suite = len(report["attacks"]) - (len(report["escalation"]["steps"]) if report.get("escalation") else 0)
     standing = robust_under_all(select_attacks(result.data, slice(0, n_suite)), [EPS])[:, 0]
@@ -168,6 +178,8 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suit
     return {"clean": report["clean_accuracy"], "attacks": attacks,
             "robust": escalation["robust_accuracy_before"] if escalation else report["robust_accuracy_all"],
             "escalated": report["robust_accuracy_all"], "seconds": seconds - extra_s, "escalation_s": extra_s,
+            # the escalation's share of the CPU time, in proportion to its share of the wall time
+            "cpu_s": cpu_s * (1 - extra_s / seconds),
             "masking": [c["name"] for c in report["masking_checks"] if c["fired"]],
             "steps": {s["attack"]: s["robust_after"] for s in escalation["steps"]} if escalation else {},
             "robust_digits": robust_digits}  # fmt: skip
@@ -192,7 +204,7 @@ def seed_study(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, s
                 else:
                     out = ours(model, x, y, True, suite, False, seed=seed, only=only)
                 rows.append({"model": name, "attack": only or suite, "seed": seed, "side": side,
-                             "robust": out["robust"], "seconds": out["seconds"],
+                             "robust": out["robust"], "seconds": out["seconds"], "cpu_s": out["cpu_s"],
                              "robust_digits": out["robust_digits"]})  # fmt: skip
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "robust_digits"}), flush=True)
     return rows
@@ -276,6 +288,8 @@ def main() -> None:
             rows.append({
                 "model": name, "clean": adv["clean"], "official": off["robust"], "advtrain": adv["robust"],
                 "official_s": off["seconds"], "advtrain_s": adv["seconds"], "speedup": off["seconds"] / adv["seconds"],
+                "official_cpu_s": off["cpu_s"], "advtrain_cpu_s": adv["cpu_s"],
+                "cpu_speedup": off["cpu_s"] / adv["cpu_s"],
                 "masking": " ".join(adv["masking"]) or "-", "escalated": adv["escalated"],
                 "escalation_s": adv["escalation_s"],
                 "steps": " ".join(f"{k} {100 * v:.1f}%" for k, v in adv["steps"].items()) or "-",
@@ -297,6 +311,7 @@ def main() -> None:
         "official_s",
         "advtrain_s",
         "speedup",
+        "cpu_speedup",
         "masking",
         "escalated",
         "escalation_s",
