@@ -119,9 +119,11 @@ class Square(Attack):
     * **Early stopping per sample**: a fooled sample stops costing queries; restarts re-attack, from a fresh
       initialisation, only the samples still standing.
 
-    Deviations from the paper: the window position and the signs are drawn per sample (the reference code draws one
-    window per batch); a candidate whose window does not change after box clipping is not resampled (it simply
-    costs a query); the L2 window side is at least 2 so that both halves of η* exist.
+    Deviations from the paper: a candidate whose window does not change after box clipping is not resampled (it
+    simply costs a query); the L2 window side is at least 2 so that both halves of η* exist. Differences from the
+    reference code (AutoAttack's ``square.py``): the window position and the signs are drawn per sample (it draws one
+    window per batch); the corner is uniform on {0, …, w − h} as in Algorithm 2 (it draws from {0, …, w − h − 1}, so
+    its windows never reach the last row and column).
 
     L1 (Croce & Hein 2021's version for l1-AutoAttack) has its own initialisation and update, with windows of odd side
     ≥ 3 and the exact projection onto ℓ1 ball ∩ box: see :meth:`_l1_init` and :meth:`_l1_update`.
