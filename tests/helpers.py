@@ -123,6 +123,25 @@ def digits_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, xs[keep], ys[keep]
 
 
+class _TopLeft(nn.Module):
+    """Reads the top-left 14×14 of its input (a picklable module, unlike a closure)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z[..., :14, :14])
+
+
+def padded_digits_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """:func:`digits_mlp` on its digits padded to 15×15 (a zero row and column at the bottom and right), the model
+    reading the first 14×14: the official Square attack's L1 and L2 initialisations index tiles past the border of
+    14×14 images and fail there."""
+    mlp, x, y = digits_mlp()
+    return _TopLeft(mlp).eval(), F.pad(x, (0, 1, 0, 1)), y
+
+
 class Float64Compute(nn.Module):
     """Runs ``model`` in float64 on float32 inputs and returns float32 logits.
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import digits_mlp
-from torch import nn
+from helpers import padded_digits_mlp
 
 from advtrain.attacks import Square
 
@@ -29,13 +27,7 @@ def test_square_is_as_strong_as_the_official_one(norm, eps):
     pytest.importorskip("pyautoattack")
     from pyautoattack.square import SquareAttack
 
-    mlp, x, y = digits_mlp()
-
-    class Crop(nn.Module):
-        def forward(self, z):
-            return mlp(z[..., :14, :14].flatten(1))
-
-    model, x = Crop().eval(), F.pad(x.view(-1, 1, 14, 14), (0, 1, 0, 1))
+    model, x, y = padded_digits_mlp()
     ours, theirs = [], []
     for seed in SEEDS:
         adv = Square(norm=norm, eps=eps, steps=300, seed=seed)(model, x, y).adv

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TinyCNN, digits_mlp, random_batch
+from helpers import TinyCNN, padded_digits_mlp, random_batch
 from torch import nn
 
 from advtrain.attacks import Square
@@ -58,13 +57,7 @@ def test_l1_square_is_as_strong_as_autoattacks():
     pytest.importorskip("pyautoattack")
     from pyautoattack.square import SquareAttack
 
-    mlp, x, y = digits_mlp()
-
-    class Crop(nn.Module):
-        def forward(self, z):
-            return mlp(z[..., :14, :14])
-
-    model, x = Crop().eval(), F.pad(x, (0, 1, 0, 1))
+    model, x, y = padded_digits_mlp()
     ours = Square(norm="l1", eps=3.0, steps=500, seed=0)(model, x, y)
     official = SquareAttack(model, norm="L1", eps=3.0, n_queries=500, seed=0, device="cpu", resc_schedule=True)
     theirs = official.perturb(x.clone(), y.clone())
