@@ -160,20 +160,20 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cascade: bool, suit
     from advtrain.evaluation.suites import suite_entries
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-    attacks = None
+    alone = None
     if only is not None:
         entries = [entry for entry in suite_entries(suite) if entry.label == only]
-        attacks, suite, adaptive = build_suite(entries, norm="linf", eps=EPS, seed=seed), None, False
+        alone, suite, adaptive = build_suite(entries, norm="linf", eps=EPS, seed=seed), None, False
     start, cpu = time.perf_counter(), time.process_time()
-    result = evaluate_robustness(model, loader, attacks, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS],
+    result = evaluate_robustness(model, loader, alone, suite=suite, norm="linf", eps=EPS, eps_grid=[EPS],
                                  cascade=cascade, progress=False, seed=seed, adaptive=adaptive)  # fmt: skip
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     report = result.as_dict()
-    n_suite = len(report["attacks"]) - (len(report["escalation"]["steps"]) if report.get("escalation") else 0)
+    escalation = report.get("escalation")
+    n_suite = len(report["attacks"]) - (len(escalation["steps"]) if escalation else 0)
     standing = robust_under_all(select_attacks(result.data, slice(0, n_suite)), [EPS])[:, 0]
     robust_digits = result.data["index"][standing].tolist()
     attacks = {name: a["robust_accuracy"] for name, a in report["attacks"].items()}
-    escalation = report.get("escalation")
     extra_s = sum(step["seconds"] for step in escalation["steps"]) if escalation else 0.0
     return {"clean": report["clean_accuracy"], "attacks": attacks,
             "robust": escalation["robust_accuracy_before"] if escalation else report["robust_accuracy_all"],
