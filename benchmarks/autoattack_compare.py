@@ -29,8 +29,9 @@ time ratio (``cpu_speedup``) does not move with the other jobs' load as the wall
 Seed study (``--seeds``): the stochastic attacks (random starts, Square's windows) land a digit or two apart from one
 seed to the next, so single runs of the two sides can differ by that much either way; ``--seeds 0 1 2 3 4`` runs both
 sides with each seed (``--only square``: that attack alone) and compares the distributions, and the digits each side
-breaks that the other never does. ``--side`` runs one side, so that the two can run in two processes;
-``--summarize`` merges their result files.
+breaks that the other never does. ``--digits`` restricts it to given test digits (e.g. the ones that change between
+runs, with many more seeds). ``--side`` runs one side, so that the two can run in two processes; ``--summarize`` merges
+their result files.
 
     python benchmarks/autoattack_compare.py [--models standard pgd plain-pgd trades] [--samples 200] [--train-only]
     python benchmarks/autoattack_compare.py --models pgd --samples 100 --seeds 0 1 2 3 4 --only square
@@ -190,11 +191,11 @@ PAIRS = {"apgd-ce": "apgd-ce", "apgd-t": "apgd-t", "fab-t": "fab-t", "square": "
 
 
 def seed_study(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, seeds: list[int], sides: list[str],
-               only: str | None, suite: str) -> list[dict]:  # fmt: skip
+               only: str | None, suite: str, digits: list[int]) -> list[dict]:  # fmt: skip
     """Both sides with each seed on the same digits (AutoAttack's standard version, or the attack ``only`` alone):
-    one row per model, seed and side, with the digits still robust. Stochastic attacks (random starts, Square's
-    windows) land a digit or two apart from one seed to the next; the comparison that means something is between the
-    two distributions, not between two single runs."""
+    one row per model, seed and side, with the digits still robust (``digits[i]`` names row ``i`` of ``x``).
+    Stochastic attacks (random starts, Square's windows) land a digit or two apart from one seed to the next; the
+    comparison that means something is between the two distributions, not between two single runs."""
     rows = []
     for name, model in models.items():
         for seed in seeds:
@@ -205,7 +206,7 @@ def seed_study(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, s
                     out = ours(model, x, y, True, suite, False, seed=seed, only=only)
                 rows.append({"model": name, "attack": only or suite, "seed": seed, "side": side,
                              "robust": out["robust"], "seconds": out["seconds"], "cpu_s": out["cpu_s"],
-                             "robust_digits": out["robust_digits"]})  # fmt: skip
+                             "robust_digits": [digits[i] for i in out["robust_digits"]]})  # fmt: skip
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "robust_digits"}), flush=True)
     return rows
 
@@ -255,6 +256,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seed study: both sides with each of these seeds (not timed side by side)")  # fmt: skip
     parser.add_argument("--only", choices=sorted(PAIRS), default=None, help="seed study of this attack alone")
+    parser.add_argument("--digits", nargs="+", type=int, default=None,
+                        help="seed study on these test digits (indices) instead of the first --samples")  # fmt: skip
     parser.add_argument("--side", choices=["both", "official", "advtrain"], default="both",
                         help="seed study: one side only (to run the two sides in two processes)")  # fmt: skip
     parser.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON",
@@ -268,10 +271,12 @@ def main() -> None:
     models = {name: load(name) for name in opts.models}
     if opts.train_only:
         return
-    x, y = test_digits(opts.samples)
+    digits = opts.digits if opts.digits and opts.seeds is not None else list(range(opts.samples))
+    x, y = test_digits(max(digits) + 1)
+    x, y = x[digits], y[digits]
     if opts.seeds is not None:
         sides = ["official", "advtrain"] if opts.side == "both" else [opts.side]
-        rows = seed_study(models, x, y, opts.seeds, sides, opts.only, opts.suite)
+        rows = seed_study(models, x, y, opts.seeds, sides, opts.only, opts.suite, digits)
         write_table(f"autoattack_compare_seeds{opts.tag}", rows, [c for c in rows[0] if c != "robust_digits"])
         write_table(f"autoattack_compare_seeds_summary{opts.tag}", summarize_seeds(rows), SEED_COLUMNS)
         return
